@@ -328,8 +328,8 @@ def _build(
     nqb, nkb = n_padded // block_q, n_padded // block_k
 
     qb_all = torch.arange(nqb, device=device, dtype=torch.long)
-    q_lists, k_lists = [], []
-    for g, spec in enumerate(specs):
+    q_lists = []
+    for spec in specs:
         keys = []
         for part in spec.parts:
             qb, first, last = _candidate_intervals(part, qb_all, block_q, block_k)
@@ -347,12 +347,12 @@ def _build(
             p, f = _classify(part, qs, qe1, ks, ke1)
             present |= p
             full |= f
-        q_lists.append((g, qb[present], kb[present], full[present]))
+        q_lists.append((qb[present], kb[present], full[present]))
 
     def csr(major: int, lists, major_of, minor_of):
         indptr, index, flags = [], [], []
         offset = 0
-        for g, qb, kb, fl in lists:
+        for qb, kb, fl in lists:
             maj, mnr = major_of(qb, kb), minor_of(qb, kb)
             order = torch.argsort(maj * (max(nqb, nkb) + 1) + mnr)
             maj, mnr, fl = maj[order], mnr[order], fl[order]
@@ -363,16 +363,14 @@ def _build(
             index.append(mnr)
             flags.append(fl)
             offset += int(mnr.numel())
-            del g
         return (
             torch.stack(indptr).to(torch.int32),
             torch.cat(index).to(torch.int32),
             torch.cat(flags),
         )
 
-    k_lists = q_lists
     q2k = csr(nqb, q_lists, lambda q, k: q, lambda q, k: k)
-    k2q = csr(nkb, k_lists, lambda q, k: k, lambda q, k: q)
+    k2q = csr(nkb, q_lists, lambda q, k: k, lambda q, k: q)
     if q2k[1].numel() >= 2**31:
         raise ValueError(f"layout: {q2k[1].numel()} blocks do not fit int32 indices")
     return BlockLayout(

@@ -68,19 +68,19 @@ class Pattern:
 
     def __post_init__(self) -> None:
         if self.kind not in PATTERN_KINDS:
-            raise ValueError(f"pattern kind: unknown {self.kind!r}; expected one of {PATTERN_KINDS}")
+            raise ValueError(
+                f"pattern kind: unknown {self.kind!r}; expected one of {PATTERN_KINDS}"
+            )
         if self.component not in COMPONENTS:
             raise ValueError(
                 f"pattern component: unknown {self.component!r}; expected one of {COMPONENTS}"
             )
         if self.kind in ("strided", "fixed", "local") and self.stride < 1:
             raise ValueError(f"pattern stride: {self.kind} needs stride >= 1, got {self.stride}")
-        if self.kind == "fixed":
-            if not 1 <= self.summary <= self.stride:
-                raise ValueError(
-                    f"pattern summary: fixed needs 1 <= c <= l, got c={self.summary} "
-                    f"l={self.stride}"
-                )
+        if self.kind == "fixed" and not 1 <= self.summary <= self.stride:
+            raise ValueError(
+                f"pattern summary: fixed needs 1 <= c <= l, got c={self.summary} l={self.stride}"
+            )
         if self.component == "split" and self.split_heads < 0:
             raise ValueError(f"pattern split_heads: must be >= 0, got {self.split_heads}")
 

@@ -1,0 +1,72 @@
+"""The ``flex`` backend: FlexAttention fed the same ``mask_mod`` as every other backend.
+
+Our baseline on GPU. Heads that the layout runs in the transposed order (strided
+A2) get the same permutation here, so FlexAttention sees contiguous blocks too:
+the mask is evaluated on the original positions through each head's order.
+FlexAttention has no CPU backward; on CPU this backend is forward-only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparse_transformer.ops.blocksparse_torch import from_head_order, to_head_order
+from sparse_transformer.ops.layout import BlockLayout
+
+
+def flex_block_mask(layout: BlockLayout, block_size: int | None = None, compile: bool = False):
+    """FlexAttention's BlockMask for ``layout`` in head order (cached on the layout)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    block_size = block_size or 128
+    key = ("flex", block_size, compile)
+    if key not in layout._cache:
+        orders = layout.head_orders()  # (H, N)
+        n, pattern = layout.n, layout.pattern
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            qo, ko = orders[h, q_idx], orders[h, kv_idx]
+            return pattern.mask_mod(b, h, qo, ko) & (ko < n)
+
+        layout._cache[key] = create_block_mask(
+            mask_mod,
+            None,
+            layout.n_heads,
+            layout.n_padded,
+            layout.n_padded,
+            device=layout.device,
+            BLOCK_SIZE=block_size,
+            _compile=compile,
+        )
+    return layout._cache[key]
+
+
+def flex_attention_backend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    scale: float | None = None,
+    block_size: int | None = None,
+    kernel=None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention through FlexAttention. ``kernel`` may be a ``torch.compile``-d
+    ``flex_attention`` (the benchmark passes one); by default the eager one."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    n = q.shape[2]
+    if not q.is_cuda and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError(
+            "sparse_attention: the flex backend has no backward on CPU (FlexAttention's "
+            "limit); use backend='torch' or run it under torch.no_grad()"
+        )
+    block_mask = flex_block_mask(layout, block_size, compile=q.is_cuda)
+    fn = kernel or flex_attention
+    qh, kh, vh = (to_head_order(x, layout) for x in (q, k, v))
+    out, lse = fn(qh, kh, vh, block_mask=block_mask, scale=scale, return_lse=True)
+    out = from_head_order(out, layout, n)
+    if return_lse:
+        return out, from_head_order(lse[..., None], layout, n)[..., 0].float()
+    return out
