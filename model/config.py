@@ -1,0 +1,308 @@
+"""The model configuration: one validated dataclass and the named YAML configurations.
+
+:class:`SparseTransformerConfig` holds every architectural choice of the paper
+(Child et al. 2019, sections 4-6): depth, width, heads, the half-size
+multipliers, the attention pattern (kind, stride l, summary width c, how heads
+combine the two components), the block sizes handed to the layout compiler, the
+embedding structure, dropout and the activation-recomputation policy. It is
+validated on construction; every error message starts with the offending
+field's name (``SparseTransformerConfig.d_model: ...``).
+
+Named configurations live in ``configs/NAME.yaml`` (shipped as package data).
+Each file has a top-level ``model:`` mapping with these fields; other top-level
+sections (``data:``, ``train:``, ...) belong to other packages and are ignored
+here. :func:`load_model_config` accepts a bare name (``"enwik8"``) or a path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from sparse_transformer.ops import BACKENDS, HEAD_MODES, PATTERN_KINDS, Pattern, pattern_for_layer
+
+RECOMPUTE_POLICIES: tuple[str, ...] = ("none", "attention", "block")
+"""Activation recomputation per residual block: nothing, the attention branch
+a(H) only, or the whole block (non-reentrant ``torch.utils.checkpoint``)."""
+
+
+def _fail(name: str, message: str) -> None:
+    raise ValueError(f"SparseTransformerConfig.{name}: {message}")
+
+
+def _check_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(name, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, f"must be a finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SparseTransformerConfig:
+    """Every architectural choice of one Sparse Transformer (validated on construction)."""
+
+    n_layers: int = 4
+    """N, the number of residual blocks."""
+    d_model: int = 128
+    """d, the width of the residual stream."""
+    n_heads: int = 4
+    ff_mult: float = 4.0
+    """Width of W1 relative to d: 4, or 2 for the paper's half-size models."""
+    qk_mult: float = 1.0
+    """Width of the q and k projections relative to d: 1, or 0.5 for half-size models."""
+    vocab_size: int = 256
+    n_ctx: int = 1024
+    """n, the context length (the longest sequence the model accepts)."""
+    pattern: str = "fixed"
+    """Attention pattern kind: dense, local, strided or fixed (``ops.PATTERN_KINDS``)."""
+    stride: int = 32
+    """l: the stride (strided), the chunk length (fixed) or the window (local)."""
+    summary: int = 8
+    """c: the width of the fixed pattern's summary cells."""
+    head_mode: str = "merged"
+    """How heads use the two components: interleaved, merged or multihead."""
+    distinct_summary: bool = True
+    """Fixed A2: each head reads its own length-c sub-block of every chunk."""
+    permute: bool = True
+    """Strided A2-only heads run in the transposed order (section 5.5)."""
+    block_q: int = 64
+    block_k: int = 64
+    """Query/key block sizes of the block-sparse layout (``ops.compile_layout``)."""
+    embed_shape: tuple[int, ...] = ()
+    """The data's structure, one learned position embedding per coordinate: (32, 32, 3)
+    for CIFAR-10 rows/columns/channels, (n / l, l) for text and audio. Its product
+    must be n_ctx. Empty: (n / l, l) for strided/fixed, (n,) otherwise."""
+    dropout: float = 0.0
+    """Dropout at the end of each residual branch (and nowhere else)."""
+    recompute: str | tuple[str, ...] = "none"
+    """Recomputation policy: one of RECOMPUTE_POLICIES for every block, or one per block."""
+    attention_backend: str = "auto"
+    """Backend of ``ops.sparse_attention``: auto, reference, torch, flex, triton."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise in place
+        for name in ("n_layers", "d_model", "n_heads", "vocab_size", "n_ctx"):
+            _check_int(name, getattr(self, name))
+        _check_int("block_q", self.block_q)
+        _check_int("block_k", self.block_k)
+        if self.vocab_size < 2:
+            _fail("vocab_size", f"must be at least 2, got {self.vocab_size}")
+        if self.d_model % self.n_heads:
+            _fail("d_model", f"{self.d_model} is not divisible by n_heads = {self.n_heads}")
+        for name in ("ff_mult", "qk_mult"):
+            value = getattr(self, name)
+            _check_number(name, value)
+            if value <= 0:
+                _fail(name, f"must be positive, got {value!r}")
+            width = self.d_model * value
+            if abs(width - round(width)) > 1e-9:
+                _fail(name, f"d_model * {name} = {width} is not an integer")
+            set_(self, name, float(value))
+        if self.d_qk % self.n_heads:
+            _fail(
+                "qk_mult",
+                f"the q/k width d_model * qk_mult = {self.d_qk} is not divisible by "
+                f"n_heads = {self.n_heads}",
+            )
+
+        if self.pattern not in PATTERN_KINDS:
+            _fail("pattern", f"unknown pattern {self.pattern!r}; expected one of {PATTERN_KINDS}")
+        if self.head_mode not in HEAD_MODES:
+            _fail("head_mode", f"unknown mode {self.head_mode!r}; expected one of {HEAD_MODES}")
+        if self.pattern != "dense":
+            _check_int("stride", self.stride)
+        if self.pattern == "fixed":
+            _check_int("summary", self.summary)
+            if self.summary > self.stride:
+                _fail("summary", f"c = {self.summary} exceeds the chunk length l = {self.stride}")
+        if (
+            self.head_mode == "multihead"
+            and self.pattern in ("strided", "fixed")
+            and self.n_heads < 2
+        ):
+            _fail("head_mode", "multihead needs n_heads >= 2 (one head per component)")
+        for name in ("distinct_summary", "permute"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, f"must be a bool, got {getattr(self, name)!r}")
+
+        shape = self.embed_shape
+        if shape is None or (isinstance(shape, Sequence) and len(shape) == 0):
+            if self.pattern in ("strided", "fixed"):
+                if self.n_ctx % self.stride:
+                    _fail(
+                        "embed_shape",
+                        f"not given, and the default (n_ctx / stride, stride) needs n_ctx = "
+                        f"{self.n_ctx} divisible by stride = {self.stride}",
+                    )
+                shape = (self.n_ctx // self.stride, self.stride)
+            else:
+                shape = (self.n_ctx,)
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+            _fail("embed_shape", f"must be a sequence of positive integers, got {shape!r}")
+        shape = tuple(shape)
+        for s in shape:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+                _fail("embed_shape", f"must hold positive integers, got {shape!r}")
+        if math.prod(shape) != self.n_ctx:
+            _fail(
+                "embed_shape",
+                f"{shape} has {math.prod(shape)} positions but n_ctx = {self.n_ctx}; "
+                "the structure's product must equal the context",
+            )
+        set_(self, "embed_shape", shape)
+
+        _check_number("dropout", self.dropout)
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("dropout", f"must be in [0, 1), got {self.dropout!r}")
+        set_(self, "dropout", float(self.dropout))
+
+        rec = self.recompute
+        if isinstance(rec, str):
+            if rec not in RECOMPUTE_POLICIES:
+                _fail("recompute", f"unknown policy {rec!r}; expected one of {RECOMPUTE_POLICIES}")
+        elif isinstance(rec, Sequence):
+            rec = tuple(rec)
+            if len(rec) != self.n_layers:
+                _fail(
+                    "recompute",
+                    f"a per-block list needs n_layers = {self.n_layers} entries, got {len(rec)}",
+                )
+            bad = [r for r in rec if r not in RECOMPUTE_POLICIES]
+            if bad:
+                _fail("recompute", f"unknown policy {bad[0]!r}; expected {RECOMPUTE_POLICIES}")
+            set_(self, "recompute", rec)
+        else:
+            _fail("recompute", f"must be a policy name or a list of them, got {rec!r}")
+
+        if self.attention_backend not in BACKENDS:
+            _fail(
+                "attention_backend",
+                f"unknown backend {self.attention_backend!r}; expected one of {BACKENDS}",
+            )
+        # Let ops validate the patterns too (e.g. multihead with too few heads).
+        for layer in range(min(self.n_layers, 2)):
+            try:
+                self.pattern_for(layer)
+            except ValueError as err:
+                _fail("pattern", str(err))
+
+    # -- derived sizes ------------------------------------------------------------------
+    @property
+    def d_head(self) -> int:
+        """Per-head width of v (and of the attention output)."""
+        return self.d_model // self.n_heads
+
+    @property
+    def d_qk(self) -> int:
+        """Width of the q and k projections: d_model * qk_mult."""
+        return round(self.d_model * self.qk_mult)
+
+    @property
+    def d_head_qk(self) -> int:
+        """Per-head width of q and k."""
+        return self.d_qk // self.n_heads
+
+    @property
+    def d_ff(self) -> int:
+        """Width of W1's output: d_model * ff_mult."""
+        return round(self.d_model * self.ff_mult)
+
+    def pattern_for(self, layer: int) -> Pattern:
+        """The attention pattern of residual block ``layer`` (0-based)."""
+        return pattern_for_layer(
+            self.pattern,  # type: ignore[arg-type]
+            mode=self.head_mode,  # type: ignore[arg-type]
+            layer=layer,
+            n_heads=self.n_heads,
+            stride=self.stride if self.pattern != "dense" else 0,
+            summary=self.summary if self.pattern == "fixed" else 0,
+            distinct_summary=self.distinct_summary,
+            permute=self.permute,
+        )
+
+    def recompute_for(self, layer: int) -> str:
+        """The recomputation policy of residual block ``layer``."""
+        if isinstance(self.recompute, str):
+            return self.recompute
+        return self.recompute[layer]
+
+    # -- (de)serialisation -------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.init)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SparseTransformerConfig:
+        """Build from a plain mapping (e.g. a YAML ``model:`` section); unknown keys fail."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"SparseTransformerConfig: expected a mapping, got {type(values)}")
+        known = cls.field_names()
+        for key in values:
+            if key not in known:
+                raise ValueError(
+                    f"SparseTransformerConfig.{key}: unknown field; known fields: "
+                    f"{', '.join(known)}"
+                )
+        return cls(**dict(values))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-safe values (tuples become lists) that ``from_dict`` reads back."""
+        out = asdict(self)
+        out["embed_shape"] = list(self.embed_shape)
+        if not isinstance(self.recompute, str):
+            out["recompute"] = list(self.recompute)
+        return out
+
+    def replace(self, **changes: Any) -> SparseTransformerConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+
+# -- named configurations -------------------------------------------------------------
+
+
+def configs_dir() -> Path:
+    """The packaged ``configs/`` folder."""
+    import sparse_transformer
+
+    return Path(sparse_transformer.__file__).resolve().parent / "configs"
+
+
+def list_model_configs() -> list[str]:
+    """Names of the packaged configurations (``configs/*.yaml``), sorted."""
+    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+
+
+def load_model_config(name_or_path: str | Path) -> SparseTransformerConfig:
+    """The ``model:`` section of a named configuration or of a YAML file.
+
+    A bare name (no ``/`` and no ``.yaml`` suffix) is looked up in the packaged
+    ``configs/`` folder; anything else is read as a path.
+    """
+    import yaml
+
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or "/" in text or text.endswith((".yaml", ".yml")):
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config: no file at {path}")
+    else:
+        path = configs_dir() / f"{text}.yaml"
+        if not path.is_file():
+            raise ValueError(
+                f"model config: unknown name {text!r}; available: {', '.join(list_model_configs())}"
+            )
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f)
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("model"), Mapping):
+        raise ValueError(f"model config: {path} has no top-level 'model:' mapping")
+    try:
+        return SparseTransformerConfig.from_dict(doc["model"])
+    except ValueError as err:
+        raise ValueError(f"{err} (in {path})") from err
