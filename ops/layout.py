@@ -341,12 +341,15 @@ def _build(
         qb, kb = key // nkb, key % nkb
         qs, ks = qb * block_q, kb * block_k
         qe1, ke1 = qs + block_q - 1, ks + block_k - 1
+        # positions from `limit` on are padding only (the tail of the head order)
+        limit = -(-n // spec.perm_stride) * spec.perm_stride if spec.perm_stride else n
         present = torch.zeros_like(key, dtype=torch.bool)
         full = torch.zeros_like(present)
         for part in spec.parts:
             p, f = _classify(part, qs, qe1, ks, ke1)
             present |= p
             full |= f
+        present &= (qs < limit) & (ks < limit)
         q_lists.append((qb[present], kb[present], full[present]))
 
     def csr(major: int, lists, major_of, minor_of):

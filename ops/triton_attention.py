@@ -1,0 +1,508 @@
+"""Block-sparse causal attention in Triton: the ``triton`` backend.
+
+Forward: one program per (query block, batch x head) walks the query block's
+list of key blocks (``layout.q2k_*``) with an online softmax in fp32 (base 2),
+applying the element mask only on blocks the layout flags partial; blocks
+outside the layout are never touched. It stores the output and the row
+log-sum-exp.
+
+Backward (deterministic, no atomics): one program per (key block, batch x head)
+walks the transposed lists (``layout.k2q_*``) and accumulates dK and dV in
+registers; one program per (query block, batch x head) walks the query-major
+lists for dQ. Probabilities are recomputed from the saved log-sum-exp.
+
+Heads that run in the transposed (R, l) order (strided A2) are handled inside
+the kernels: a program's rows are positions of the head's order, mapped to
+original rows by ``p -> (p % R) * l + p // R``; every load and store goes
+through that map, so no permuted copy of q, k, v is ever made. Rows at or
+beyond n load as zeros and are never stored.
+
+The pattern's component kinds are compile-time constants: the heads are
+launched in groups that share them (for example the A1 and the A2 heads of a
+multi-head layer), and the row/column predicates are computed on vectors, so a
+partial block costs little more than a full one.
+
+Registered as the custom ops ``sparse_transformer::block_sparse_attn_fwd`` /
+``_bwd`` with fake implementations, so ``torch.compile`` and activation
+checkpointing see a known op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from sparse_transformer.ops.layout import (
+    PART_BAND,
+    PART_CHUNK,
+    PART_COLUMN,
+    PART_SUMMARY,
+    BlockLayout,
+)
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+LOG2E = 1.4426950408889634
+_NO_PART = -1
+_INT32_BIG = 1 << 30
+POISON_OUTPUTS = False
+"""Tests set this: outputs start as NaN instead of uninitialised memory, so an
+element a kernel fails to write shows."""
+
+
+def _new_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(x, float("nan")) if POISON_OUTPUTS else torch.empty_like(x)
+
+
+# ----------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _row_map(p, perm_l, rows, n):
+    """Original row of head-order positions ``p`` and whether it is a real row."""
+    permuted = (p % rows) * perm_l + p // rows
+    orig = tl.where((perm_l > 0) & (p < rows * perm_l), permuted, p)
+    return orig, orig < n
+
+
+@triton.jit
+def _part_mask(i, j, KIND: tl.constexpr, a, lo, hi):
+    """Is (i, j) allowed by one component? ``i`` and ``j`` broadcast to the tile."""
+    causal = j <= i
+    if KIND == 0:  # band: 0 <= i - j < a
+        m = causal & (i - j < a)
+    elif KIND == 1:  # chunk of a
+        m = causal & ((i // a) == (j // a))
+    elif KIND == 2:  # column: same residue mod a
+        m = causal & ((i % a) == (j % a))
+    else:  # summary cells lo <= j % a < hi
+        r = j % a
+        m = causal & (r >= lo) & (r < hi)
+    return m
+
+
+@triton.jit
+def _allowed(i, j, params, KIND0: tl.constexpr, KIND1: tl.constexpr):
+    m = _part_mask(i, j, KIND0, tl.load(params + 2), tl.load(params + 3), tl.load(params + 4))
+    if KIND1 >= 0:
+        m = m | _part_mask(
+            i, j, KIND1, tl.load(params + 5), tl.load(params + 6), tl.load(params + 7)
+        )
+    return m
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    heads, head_group, params,
+    indptr, index, full,
+    sm_scale_log2, n, H, HS, NQB,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    KIND0: tl.constexpr, KIND1: tl.constexpr,
+):  # fmt: skip
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HS
+    h = tl.load(heads + bh % HS)
+    g = tl.load(head_group + h)
+    prm = params + g * 8
+    perm_l = tl.load(prm)
+    rows = tl.load(prm + 1)
+
+    p_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    o_q, v_q = _row_map(p_q, perm_l, rows, n)
+    offs_d = tl.arange(0, D)
+    q = tl.load(
+        Q + b * sqb + h * sqh + o_q[:, None] * sqn + offs_d[None, :], mask=v_q[:, None], other=0.0
+    )
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, D], tl.float32)
+
+    start = tl.load(indptr + g * (NQB + 1) + qb)
+    end = tl.load(indptr + g * (NQB + 1) + qb + 1)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    for e in range(start, end):
+        kb = tl.load(index + e)
+        is_full = tl.load(full + e)
+        p_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        o_k, v_k = _row_map(p_k, perm_l, rows, n)
+        k = tl.load(k_base + o_k[:, None] * skn + offs_d[None, :], mask=v_k[:, None], other=0.0)
+        v = tl.load(v_base + o_k[:, None] * svn + offs_d[None, :], mask=v_k[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        if is_full == 0:
+            allowed = _allowed(p_q[:, None], p_k[None, :], prm, KIND0, KIND1)
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    tl.store(
+        O + b * sob + h * soh + o_q[:, None] * son + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=v_q[:, None],
+    )
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(LSE + (b * H + h) * n + o_q, lse, mask=v_q)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    heads, head_group, params,
+    indptr, index, full,
+    sm_scale, sm_scale_log2, n, H, HS, NQB,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    KIND0: tl.constexpr, KIND1: tl.constexpr,
+):  # fmt: skip
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HS
+    h = tl.load(heads + bh % HS)
+    g = tl.load(head_group + h)
+    prm = params + g * 8
+    perm_l = tl.load(prm)
+    rows = tl.load(prm + 1)
+
+    p_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    o_q, v_q = _row_map(p_q, perm_l, rows, n)
+    offs_d = tl.arange(0, D)
+    rmask = v_q[:, None]
+    q = tl.load(Q + b * sqb + h * sqh + o_q[:, None] * sqn + offs_d[None, :], mask=rmask, other=0.0)
+    do = tl.load(
+        DO + b * sdob + h * sdoh + o_q[:, None] * sdon + offs_d[None, :], mask=rmask, other=0.0
+    )
+    lse = tl.load(LSE + (b * H + h) * n + o_q, mask=v_q, other=float("-inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + (b * H + h) * n + o_q, mask=v_q, other=0.0)
+    dq = tl.zeros([BLOCK_Q, D], tl.float32)
+
+    start = tl.load(indptr + g * (NQB + 1) + qb)
+    end = tl.load(indptr + g * (NQB + 1) + qb + 1)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    for e in range(start, end):
+        kb = tl.load(index + e)
+        is_full = tl.load(full + e)
+        p_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        o_k, v_k = _row_map(p_k, perm_l, rows, n)
+        k = tl.load(k_base + o_k[:, None] * skn + offs_d[None, :], mask=v_k[:, None], other=0.0)
+        v = tl.load(v_base + o_k[:, None] * svn + offs_d[None, :], mask=v_k[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        p = tl.math.exp2(s - lse[:, None])
+        if is_full == 0:
+            allowed = _allowed(p_q[:, None], p_k[None, :], prm, KIND0, KIND1)
+            p = tl.where(allowed, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b * sdqb + h * sdqh + o_q[:, None] * sdqn + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=rmask,
+    )
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    heads, head_group, params,
+    indptr, index, full,
+    sm_scale, sm_scale_log2, n, H, HS, NKB,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    KIND0: tl.constexpr, KIND1: tl.constexpr,
+):  # fmt: skip
+    kb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HS
+    h = tl.load(heads + bh % HS)
+    g = tl.load(head_group + h)
+    prm = params + g * 8
+    perm_l = tl.load(prm)
+    rows = tl.load(prm + 1)
+
+    p_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+    o_k, v_k = _row_map(p_k, perm_l, rows, n)
+    offs_d = tl.arange(0, D)
+    kmask = v_k[:, None]
+    k = tl.load(K + b * skb + h * skh + o_k[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + o_k[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
+    dk = tl.zeros([BLOCK_K, D], tl.float32)
+    dv = tl.zeros([BLOCK_K, D], tl.float32)
+
+    start = tl.load(indptr + g * (NKB + 1) + kb)
+    end = tl.load(indptr + g * (NKB + 1) + kb + 1)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdob + h * sdoh
+    row_base = (b * H + h) * n
+    for e in range(start, end):
+        qb = tl.load(index + e)
+        is_full = tl.load(full + e)
+        p_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        o_q, v_q = _row_map(p_q, perm_l, rows, n)
+        q = tl.load(q_base + o_q[:, None] * sqn + offs_d[None, :], mask=v_q[:, None], other=0.0)
+        do = tl.load(do_base + o_q[:, None] * sdon + offs_d[None, :], mask=v_q[:, None], other=0.0)
+        lse = tl.load(LSE + row_base + o_q, mask=v_q, other=float("-inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        delta = tl.load(DELTA + row_base + o_q, mask=v_q, other=0.0)
+        st = tl.dot(k, tl.trans(q)) * sm_scale_log2  # (BLOCK_K, BLOCK_Q)
+        pt = tl.math.exp2(st - lse[None, :])
+        if is_full == 0:
+            allowed = _allowed(p_q[None, :], p_k[:, None], prm, KIND0, KIND1)
+            pt = tl.where(allowed, pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q)
+
+    dk = dk * sm_scale
+    tl.store(
+        DK + b * sdkb + h * sdkh + o_k[:, None] * sdkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=kmask,
+    )
+    tl.store(
+        DV + b * sdvb + h * sdvh + o_k[:, None] * sdvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=kmask,
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# launch plumbing
+# ----------------------------------------------------------------------------------------
+def _launch_plan(layout: BlockLayout) -> dict:
+    """Per-layout kernel tables (cached on the layout): per-group parameters and the
+    heads of each component signature."""
+    key = "triton_plan"
+    if key not in layout._cache:
+        params = []
+        sig_of_group = []
+        for spec in layout.specs:
+            rows = -(-layout.n // spec.perm_stride) if spec.perm_stride else 1
+            row = [spec.perm_stride, rows]
+            kinds = []
+            for part in spec.parts[:2]:
+                row += [min(part.a, _INT32_BIG), part.lo, part.hi]
+                kinds.append(part.kind)
+            if len(spec.parts) > 2:
+                raise ValueError("triton backend: at most two components per head")
+            while len(row) < 8:
+                row += [1, 0, 0]
+                kinds.append(_NO_PART)
+            params.append(row[:8])
+            sig_of_group.append(tuple(kinds[:2]))
+        groups = layout.head_group.tolist()
+        sigs: dict[tuple[int, int], list[int]] = {}
+        for h, g in enumerate(groups):
+            sigs.setdefault(sig_of_group[g], []).append(h)
+        dev = layout.device
+        layout._cache[key] = {
+            "params": torch.tensor(params, dtype=torch.int32, device=dev),
+            "sigs": [
+                (k0, k1, torch.tensor(hs, dtype=torch.int32, device=dev))
+                for (k0, k1), hs in sigs.items()
+            ],
+        }
+    return layout._cache[key]
+
+
+def _num_warps(block_q: int, block_k: int, d: int) -> int:
+    return 8 if block_q * max(block_k, d) >= 128 * 64 and d >= 64 else 4
+
+
+def supports(q: torch.Tensor, layout: BlockLayout) -> bool:
+    """Can the kernels run these inputs?"""
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and q.shape[-1] in SUPPORTED_HEAD_DIMS
+        and layout.block_q >= 16
+        and layout.block_k >= 16
+        and all(len(s.parts) <= 2 for s in layout.specs)
+    )
+
+
+# Layouts are not tensors: the custom ops receive their tensors plus the integers
+# that describe them, and look the parsed plan up by id in this registry.
+_LAYOUTS: dict[int, BlockLayout] = {}
+
+
+def _register(layout: BlockLayout) -> int:
+    key = id(layout)
+    _LAYOUTS[key] = layout
+    return key
+
+
+def _fwd_impl(q, k, v, layout: BlockLayout, scale: float):
+    b, h, n, d = q.shape
+    plan = _launch_plan(layout)
+    out = _new_like(q)
+    lse = _new_like(q.new_empty(b, h, n, dtype=torch.float32))
+    warps = _num_warps(layout.block_q, layout.block_k, d)
+    for k0, k1, heads in plan["sigs"]:
+        hs = heads.numel()
+        grid = (layout.n_qblocks, b * hs)
+        _fwd_kernel[grid](
+            q, k, v, out, lse,
+            heads, layout.head_group, plan["params"],
+            layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
+            scale * LOG2E, n, h, hs, layout.n_qblocks,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1,
+            num_warps=warps, num_stages=2,
+        )  # fmt: skip
+    return out, lse
+
+
+def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
+    b, h, n, d = q.shape
+    plan = _launch_plan(layout)
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, H, n)
+    dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
+    warps = _num_warps(layout.block_q, layout.block_k, d)
+    for k0, k1, heads in plan["sigs"]:
+        hs = heads.numel()
+        _bwd_dq_kernel[(layout.n_qblocks, b * hs)](
+            q, k, v, dout, dq, lse, delta,
+            heads, layout.head_group, plan["params"],
+            layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
+            scale, scale * LOG2E, n, h, hs, layout.n_qblocks,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1,
+            num_warps=warps, num_stages=2,
+        )  # fmt: skip
+        _bwd_dkdv_kernel[(layout.n_kblocks, b * hs)](
+            q, k, v, dout, dk, dv, lse, delta,
+            heads, layout.head_group, plan["params"],
+            layout.k2q_indptr, layout.k2q_index, layout.k2q_full,
+            scale, scale * LOG2E, n, h, hs, layout.n_kblocks,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1,
+            num_warps=warps, num_stages=2,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library custom ops
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("sparse_transformer::block_sparse_attn_fwd", mutates_args=())
+def block_sparse_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_id: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the Triton kernels: (out, lse in base 2)."""
+    return _fwd_impl(q, k, v, _LAYOUTS[layout_id], scale)
+
+
+@block_sparse_attn_fwd.register_fake
+def _(q, k, v, layout_id, scale):
+    b, h, n, _ = q.shape
+    return torch.empty_like(q), q.new_empty(b, h, n, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_transformer::block_sparse_attn_bwd", mutates_args=())
+def block_sparse_attn_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    layout_id: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the Triton kernels: (dq, dk, dv)."""
+    return _bwd_impl(q, k, v, out, lse, dout, _LAYOUTS[layout_id], scale)
+
+
+@block_sparse_attn_bwd.register_fake
+def _(q, k, v, out, lse, dout, layout_id, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, layout_id, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.layout_id, ctx.scale = layout_id, scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = block_sparse_attn_bwd(q, k, v, out, lse, dout, ctx.layout_id, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd(
+    "sparse_transformer::block_sparse_attn_fwd", _backward, setup_context=_setup_context
+)
+
+
+def triton_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse causal attention of (B, H, n, D) tensors with the Triton kernels."""
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"sparse_attention: the triton backend supports d_head in {SUPPORTED_HEAD_DIMS}, "
+            f"got {d}"
+        )
+    if q.dtype == torch.float64:
+        raise ValueError("sparse_attention: the triton backend does not support fp64")
+    if layout.block_q < 16 or layout.block_k < 16:
+        raise ValueError("sparse_attention: the triton backend needs blocks of at least 16")
+    scale = d**-0.5 if scale is None else float(scale)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out, lse2 = block_sparse_attn_fwd(q, k, v, _register(layout), scale)
+    if return_lse:
+        return out, lse2 * math.log(2.0)
+    return out
+
+
+__all__ = [
+    "PART_BAND",
+    "PART_CHUNK",
+    "PART_COLUMN",
+    "PART_SUMMARY",
+    "SUPPORTED_HEAD_DIMS",
+    "block_sparse_attn_bwd",
+    "block_sparse_attn_fwd",
+    "supports",
+    "triton_sparse_attention",
+]

@@ -1,0 +1,61 @@
+"""Run the Triton kernels under TRITON_INTERPRET=1 on the CPU against the reference.
+
+Executed in a subprocess by tests/test_triton.py: the interpreter must be chosen
+before Triton compiles anything, so it cannot share a process with other tests.
+Prints one JSON line per case: the kernel's max error and the reference's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+
+import torch  # noqa: E402
+
+import sparse_transformer.ops.triton_attention as ta  # noqa: E402
+from sparse_transformer.ops import compile_layout, pattern_for_layer  # noqa: E402
+from sparse_transformer.ops.reference import reference_attention  # noqa: E402
+
+
+def cases():
+    for kind, mode, layer, l, c in [
+        ("fixed", "merged", 0, 32, 16),
+        ("fixed", "interleaved", 1, 32, 16),
+        ("fixed", "multihead", 0, 32, 16),
+        ("strided", "multihead", 0, 24, 0),
+        ("strided", "interleaved", 1, 20, 0),
+        ("strided", "merged", 0, 20, 0),
+        ("dense", "merged", 0, 0, 0),
+    ]:
+        yield pattern_for_layer(kind, mode=mode, layer=layer, n_heads=4, stride=l, summary=c)
+
+
+def main() -> None:
+    ta.POISON_OUTPUTS = True  # NaN-filled outputs: every element must be written
+    seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    gen = torch.Generator().manual_seed(seed)
+    for i, pattern in enumerate(cases()):
+        n = (37, 100)[i % 2]
+        bq, bk = ((16, 16), (32, 16), (16, 32))[i % 3]
+        layout = compile_layout(pattern, n, 4, bq, bk)
+        q, k, v, w = (
+            torch.randn(2, 4, n, 16, generator=gen, dtype=torch.float64) for _ in range(4)
+        )
+        for x in (q, k, v):
+            x.requires_grad_()
+        ref = reference_attention(q, k, v, layout)
+        ref_g = torch.autograd.grad((ref * w).sum(), (q, k, v))
+        q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+        out = ta.triton_sparse_attention(q32, k32, v32, layout)
+        g = torch.autograd.grad((out * w.float()).sum(), (q32, k32, v32))
+        assert not any(t.isnan().any() for t in (out, *g)), "unwritten output elements"
+        errs = [float((out.double() - ref).abs().max())]
+        errs += [float((a.double() - b).abs().max()) for a, b in zip(g, ref_g)]
+        print(json.dumps({"pattern": pattern.describe(), "n": n, "errors": errs}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
