@@ -53,8 +53,10 @@ def randomize(model: SparseTransformer, seed: int = 0, std: float = 0.3) -> Spar
     return model
 
 
-def build(cfg: SparseTransformerConfig, dtype=torch.float64, seed: int = 0) -> SparseTransformer:
-    return randomize(SparseTransformer(cfg).to(dtype), seed)
+def build(
+    cfg: SparseTransformerConfig, dtype=torch.float64, seed: int = 0, std: float = 0.3
+) -> SparseTransformer:
+    return randomize(SparseTransformer(cfg).to(dtype), seed, std)
 
 
 def tokens(cfg: SparseTransformerConfig, batch: int = 2, seed: int = 1, n: int | None = None):
