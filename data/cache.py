@@ -1,0 +1,98 @@
+"""A local on-disk cache of shard files, bounded in size, least recently used evicted first.
+
+Entries are named by the shard's sha256, so a cache directory can be shared by
+every dataset, rank and DataLoader worker of a machine: writes go to a
+temporary name and are renamed into place, reads refresh the entry's mtime
+(the LRU clock), and eviction tolerates entries that another process removed
+first. A corrupt entry is caught by the reader's sha256 check and discarded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+
+log = logging.getLogger("sparse_transformer.data")
+
+SUFFIX = ".parquet"
+
+
+class ShardCache:
+    """Shards by sha256 under ``directory``, at most ``limit_bytes`` in all (None: unbounded)."""
+
+    def __init__(self, directory: str | os.PathLike[str], limit_bytes: int | None = None) -> None:
+        if limit_bytes is not None and limit_bytes < 0:
+            raise ValueError(f"cache limit must be >= 0, got {limit_bytes}")
+        self.directory = Path(directory)
+        self.limit_bytes = limit_bytes
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        """Where the entry for ``key`` lives."""
+        if not key.isalnum():
+            raise ValueError(f"bad cache key {key!r}")
+        return self.directory / f"{key}{SUFFIX}"
+
+    def get(self, key: str) -> bytes | None:
+        """The cached bytes for ``key`` (and mark them recently used), or None."""
+        p = self.path(key)
+        try:
+            data = p.read_bytes()
+            os.utime(p)
+        except FileNotFoundError:
+            return None
+        return data
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``, then evict least recently used entries over the limit."""
+        if self.limit_bytes is not None and len(data) > self.limit_bytes:
+            return
+        p = self.path(key)
+        tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, p)
+        except OSError as e:  # a full disk must not stop training: the cache is optional
+            log.warning("shard cache %s: cannot store %s: %s", self.directory, key, e)
+            tmp.unlink(missing_ok=True)
+            return
+        self.evict(keep=key)
+
+    def discard(self, key: str) -> None:
+        """Remove the entry for ``key`` if present."""
+        self.path(key).unlink(missing_ok=True)
+
+    def entries(self) -> list[tuple[float, int, Path]]:
+        """``(mtime, size, path)`` of every entry, least recently used first."""
+        out = []
+        for p in self.directory.glob(f"*{SUFFIX}"):
+            if p.name.startswith("."):
+                continue
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            out.append((st.st_mtime_ns, st.st_size, p))
+        out.sort(key=lambda e: (e[0], e[2].name))
+        return out
+
+    def size_bytes(self) -> int:
+        """Total size of the entries."""
+        return sum(size for _, size, _ in self.entries())
+
+    def evict(self, keep: str | None = None) -> None:
+        """Delete least recently used entries until the total is within the limit."""
+        if self.limit_bytes is None:
+            return
+        entries = self.entries()
+        total = sum(size for _, size, _ in entries)
+        for _, size, p in entries:
+            if total <= self.limit_bytes:
+                break
+            if keep is not None and p.name == f"{keep}{SUFFIX}":
+                continue
+            p.unlink(missing_ok=True)
+            total -= size
+            log.debug("shard cache %s: evicted %s", self.directory, p.name)

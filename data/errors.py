@@ -1,0 +1,35 @@
+"""Exceptions raised by the data package.
+
+Every error names the file, shard or URL it is about, so that a failing
+preparation or training run says *what* is broken, not only that something is.
+"""
+
+from __future__ import annotations
+
+
+class DataError(Exception):
+    """Base class of every error raised by ``sparse_transformer.data``."""
+
+
+class MalformedSourceError(DataError):
+    """A raw input file (tarball, IDX file, audio file, ...) is unreadable or malformed."""
+
+
+class DownloadError(DataError):
+    """A download failed permanently (HTTP 4xx, or retries exhausted)."""
+
+
+class ChecksumMismatchError(DataError):
+    """A file or shard does not have the checksum its manifest or registry records."""
+
+
+class CorruptShardError(DataError):
+    """A shard could be read but is not a valid shard of its manifest (bad Parquet, wrong shape)."""
+
+
+class ManifestError(DataError):
+    """A manifest is missing, unreadable or inconsistent."""
+
+
+class RetriesExhaustedError(DataError):
+    """A transient failure persisted past the retry budget (attempts or time)."""

@@ -1,0 +1,150 @@
+"""``prepare()``: turn a raw source into Parquet shards plus a manifest at any fsspec URL.
+
+The steps: open the source (downloading and verifying it if no local copy is
+given), delete any previous manifest at the destination (from then on the
+directory is not a complete dataset), write each split's shards (whole files
+only: local files through a temporary name and a rename, objects by a single
+upload), and write ``manifest.json`` last. If anything fails, the shards
+written so far are removed and no manifest exists, so a half-written dataset
+can never be mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sparse_transformer.data import storage
+from sparse_transformer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
+from sparse_transformer.data.retry import retry_call
+from sparse_transformer.data.shards import DEFAULT_SHARD_BYTES, SplitWriter, samples_per_shard
+from sparse_transformer.data.sources import get_source
+from sparse_transformer.data.sources.base import SPLITS
+
+log = logging.getLogger("sparse_transformer.data")
+
+
+def prepare(
+    source: str,
+    out: str,
+    *,
+    path: str | Sequence[str] | None = None,
+    seq_len: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    compression: str = "zstd",
+    splits: Sequence[str] = SPLITS,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
+    download: bool = True,
+    **source_options: Any,
+) -> Manifest:
+    """Prepare ``source`` into shards under ``out`` and return the committed manifest.
+
+    Args:
+        source: a name from :data:`sparse_transformer.data.sources.SOURCES`
+            (``wiki-sample``, ``enwik8``, ``text``, ``cifar10``, ``imagenet64``,
+            ``fashion-mnist``, ``audio``).
+        out: the dataset directory URL (``file://``, ``s3://``, ``gs://``, ``memory://``
+            or a local path).
+        path: a local copy of the source (file, directory, or several); None
+            downloads it where the source has a downloader.
+        seq_len: tokens per sample for text (default 12,288) and audio (65,536);
+            images always use H*W*C.
+        shard_bytes: target uncompressed size of a shard (default 64 MiB).
+        compression: Parquet codec (``zstd``, ``snappy``, ``gzip``, ``none``).
+        splits: which splits to write.
+        storage_options: fsspec options for ``out`` (e.g. ``endpoint_url``).
+        cache_dir: download cache (default ``~/.cache/sparse-transformer``).
+        download: allow downloads when ``path`` is None.
+        source_options: per-source options (``validation_size``, ``fractions``,
+            ``sample_rate``, ``verify``, ``checksums``).
+    """
+    t0 = time.monotonic()
+    out = storage.normalize_url(out)
+    opener = get_source(source)
+    data = opener(path, seq_len=seq_len, cache_dir=cache_dir, download=download, **source_options)
+    if seq_len is not None and data.seq_len != seq_len:
+        log.warning(
+            "%s: sequence length is fixed at %d (ignoring %d)", source, data.seq_len, seq_len
+        )
+    fs, root = storage.filesystem(out, storage_options)
+    manifest_path = storage.join(root, MANIFEST_NAME)
+    written: list[str] = []
+    try:
+        with data:
+            retry_call(lambda: fs.makedirs(root, exist_ok=True), what=f"create {out}")
+            if retry_call(lambda: fs.exists(manifest_path), what=f"check {out}"):
+                log.info("%s: removing the previous manifest before rewriting", out)
+                retry_call(lambda: fs.rm_file(manifest_path), what=f"remove old manifest in {out}")
+            split_infos: dict[str, SplitInfo] = {}
+            per_shard = samples_per_shard(data.seq_len, shard_bytes)
+            for split in splits:
+                if split not in data.splits:
+                    raise ValueError(f"{source}: no split {split!r}; it has {sorted(data.splits)}")
+
+                def report(info: ShardInfo, split: str = split) -> None:
+                    log.info(
+                        "%s: wrote %s (%d samples, %d bytes)",
+                        out,
+                        info.path,
+                        info.num_samples,
+                        info.num_bytes,
+                    )
+
+                writer = SplitWriter(
+                    fs=fs,
+                    root=root,
+                    split=split,
+                    seq_len=data.seq_len,
+                    samples_per_shard=per_shard,
+                    compression=compression,
+                    metadata={"source": data.name, "seq_len": str(data.seq_len)},
+                    on_shard=report,
+                    written=written,
+                )
+                writer.add_all(data.splits[split]())
+                split_infos[split] = writer.close()
+            manifest = Manifest(
+                seq_len=data.seq_len,
+                tokenizer=data.tokenizer,
+                source=dict(data.info, options=_jsonable(source_options)),
+                splits=split_infos,
+                compression=compression,
+                created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                extra={"samples_per_shard": per_shard, "shard_bytes": shard_bytes},
+            )
+            text = manifest.to_json().encode()
+            retry_call(
+                lambda: storage.write_atomic(fs, manifest_path, text),
+                what=f"write manifest {out}",
+            )
+    except BaseException:
+        for p in written:
+            storage.remove_quietly(fs, p)
+        raise
+    manifest.url = storage.join(out, MANIFEST_NAME)
+    log.info(
+        "%s: prepared %s in %.1f s: %s",
+        out,
+        source,
+        time.monotonic() - t0,
+        ", ".join(f"{k} {v.num_samples} samples" for k, v in manifest.splits.items()),
+    )
+    return manifest
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, (str, int, float, bool, type(None))):
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = list(v)
+        elif isinstance(v, dict):
+            out[k] = {str(a): b for a, b in v.items()}
+        else:
+            out[k] = repr(v)
+    return out

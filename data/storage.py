@@ -1,0 +1,110 @@
+"""Object storage access through fsspec: ``file://``, ``s3://``, ``gs://``, ``memory://``, ...
+
+One place decides how a URL becomes a filesystem: S3-compatible endpoints come
+from ``storage_options`` (``endpoint_url``, ``key``, ``secret``) or from the
+environment (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``); credentials are never logged. Writes of whole
+objects are atomic: local files are written under a temporary name and renamed,
+object stores publish a PUT only when it completes.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.core import split_protocol
+
+# Timeouts and inner retry counts for S3: our own retry layer (retry.py) owns
+# the backoff, so the client's built-in retries are kept short.
+_S3_DEFAULT_CONFIG = {
+    "connect_timeout": 5,
+    "read_timeout": 60,
+    "retries": {"max_attempts": 2, "mode": "standard"},
+}
+
+
+def normalize_url(url: str) -> str:
+    """A URL with an explicit protocol; bare paths become ``file://`` absolute paths."""
+    protocol, _ = split_protocol(url)
+    if protocol is None:
+        return "file://" + os.path.abspath(url)
+    return url
+
+
+def storage_options_for(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fsspec options for ``url``: the caller's, plus S3 endpoint defaults from the env."""
+    options = dict(storage_options or {})
+    protocol, _ = split_protocol(url)
+    if protocol in ("s3", "s3a"):
+        client_kwargs = dict(options.pop("client_kwargs", None) or {})
+        endpoint = options.pop("endpoint_url", None) or client_kwargs.get("endpoint_url")
+        endpoint = (
+            endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        if client_kwargs:
+            options["client_kwargs"] = client_kwargs
+        config = dict(_S3_DEFAULT_CONFIG)
+        config.update(options.get("config_kwargs") or {})
+        options["config_kwargs"] = config
+        options.setdefault("retries", 2)
+    return options
+
+
+def filesystem(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, path)`` for ``url``; the path is what the filesystem's methods take."""
+    url = normalize_url(url)
+    fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, storage_options))
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path components onto a URL or filesystem path with ``/``."""
+    return posixpath.join(base.rstrip("/"), *parts) if base else posixpath.join(*parts)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem (where a rename is atomic and cheap)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either nothing or all of it.
+
+    Local files go to a unique temporary name in the same directory, are
+    fsync'ed and renamed into place; object stores (S3, GCS, memory) publish an
+    object only when its upload completes, so they are written directly.
+    """
+    parent = posixpath.dirname(path)
+    if is_local(fs):
+        os.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        fs.pipe_file(path, data)
+
+
+def remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Delete ``path`` if it exists; a cleanup step must not mask the error being handled."""
+    try:
+        if fs.exists(path):
+            fs.rm_file(path)
+    except Exception:  # noqa: BLE001 - best effort during cleanup
+        pass

@@ -1,0 +1,584 @@
+"""``StreamingDataset``: stream a prepared split to every rank, in a world-size-independent order.
+
+Reading a manifest URL, each rank (and each DataLoader worker of a rank)
+computes its share of the epoch's global order (see :mod:`order`), fetches the
+shards it needs ahead of time on background threads, decodes them, keeps only
+the rows it needs and hands samples out in order. Memory stays bounded: at
+most the current shuffle window plus ``prefetch`` shards are held.
+
+Exact resumption: the state is the epoch and the number of global samples
+consumed (plus, between batch boundaries, how far into its local batch this
+rank is). ``load_state_dict`` on a fresh dataset, with any world size that
+divides the global batch, continues with exactly the samples not yet consumed,
+in the same global order.
+
+Iteration yields ``torch.int64`` tensors (``dtype`` to change; ``dtype=None``
+yields numpy uint8 arrays): one sample of shape ``(seq_len,)`` at a time, or a
+whole local batch of shape ``(global_batch_size // world_size, seq_len)`` with
+``batched=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from sparse_transformer.data import storage
+from sparse_transformer.data.cache import ShardCache
+from sparse_transformer.data.errors import ChecksumMismatchError
+from sparse_transformer.data.manifest import Manifest, ShardInfo, load_manifest
+from sparse_transformer.data.order import BatchPlan, EpochOrder
+from sparse_transformer.data.retry import RetryPolicy, retry_call
+from sparse_transformer.data.shards import decode_shard, sha256_bytes
+
+log = logging.getLogger("sparse_transformer.data")
+
+STATE_VERSION = 1
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """``(rank, world_size)``: the given ones, else Ray Train's context, else torch.distributed,
+    else the ``RANK`` / ``WORLD_SIZE`` environment variables, else ``(0, 1)``."""
+    if (rank is None) != (world_size is None):
+        raise ValueError("give both rank and world_size, or neither")
+    if rank is not None and world_size is not None:
+        return int(rank), int(world_size)
+    if "ray" in sys.modules:
+        try:
+            import ray.train
+
+            ctx = ray.train.get_context()
+            return int(ctx.get_world_rank()), int(ctx.get_world_size())
+        except Exception:  # noqa: BLE001 - not inside a Ray Train worker
+            pass
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+@dataclass
+class _Visit:
+    """A run of consecutive positions in one shuffle window, and the shards it needs."""
+
+    window: int
+    begin: int  # slice of the worker's position list
+    end: int
+    tasks: list[tuple[int, np.ndarray]]  # (shard index, sorted rows needed)
+    pool_index: np.ndarray  # per position: row in the concatenation of the tasks' rows
+
+
+def _plan_visits(order: EpochOrder, positions: np.ndarray) -> list[_Visit]:
+    if positions.size == 0:
+        return []
+    windows = order.window_of(positions)
+    cuts = np.flatnonzero(np.diff(windows)) + 1
+    bounds = [0, *cuts.tolist(), positions.size]
+    visits = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        w = int(windows[a])
+        shards, rows = order.locate_in_window(w, positions[a:b])
+        pool_index = np.empty(b - a, dtype=np.int64)
+        tasks = []
+        offset = 0
+        for s in np.unique(shards):
+            m = shards == s
+            needed = np.unique(rows[m])
+            pool_index[m] = offset + np.searchsorted(needed, rows[m])
+            tasks.append((int(s), needed))
+            offset += needed.size
+        visits.append(_Visit(w, a, b, tasks, pool_index))
+    return visits
+
+
+class _Prefetcher:
+    """Runs shard loads on a thread pool, at most ``depth`` tasks ahead of the consumer."""
+
+    def __init__(self, load: Any, tasks: list[tuple[int, np.ndarray]], threads: int) -> None:
+        self._load = load
+        self._tasks = tasks
+        self._futures: dict[int, Future[np.ndarray]] = {}
+        self._next = 0
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="shard-prefetch")
+
+    def submit_until(self, end: int) -> None:
+        end = min(end, len(self._tasks))
+        while self._next < end:
+            shard, rows = self._tasks[self._next]
+            self._futures[self._next] = self._pool.submit(self._load, shard, rows)
+            self._next += 1
+
+    def result(self, i: int) -> np.ndarray:
+        self.submit_until(i + 1)
+        return self._futures.pop(i).result()
+
+    def close(self) -> None:
+        for f in self._futures.values():
+            f.cancel()
+        self._futures.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class StreamingDataset(IterableDataset):
+    """Streams one split of a prepared dataset; see the module docstring.
+
+    Args:
+        manifest_url: the dataset directory or its ``manifest.json`` (any fsspec URL).
+        split: ``"train"``, ``"validation"`` or ``"test"``.
+        global_batch_size: samples per optimizer step summed over all ranks; must
+            be divisible by the world size.
+        seed, epoch: the order is a function of these (and the shard list).
+        rank, world_size: this process's place; None takes them from Ray Train's
+            context, torch.distributed or RANK/WORLD_SIZE (at iteration time).
+        shuffle: permute shards and samples (False: storage order).
+        shuffle_window: shards whose samples are shuffled together.
+        remainder: ``"drop"`` or ``"wrap"`` (see :mod:`order`).
+        prefetch: shards fetched ahead of the current window.
+        num_threads: background fetch/decode threads.
+        batched: yield local batches ``(L, seq_len)`` instead of samples.
+        dtype: tensor dtype of what is yielded; None yields numpy uint8 arrays.
+        verify: check every shard's sha256 against the manifest.
+        cache_dir, cache_limit_bytes: optional local shard cache (LRU eviction).
+        storage_options: fsspec options (e.g. ``endpoint_url``, ``key``, ``secret``).
+        retry: the retry policy for transient storage failures.
+    """
+
+    def __init__(
+        self,
+        manifest_url: str,
+        *,
+        split: str = "train",
+        global_batch_size: int,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        shuffle: bool = True,
+        shuffle_window: int = 4,
+        remainder: str = "drop",
+        prefetch: int = 2,
+        num_threads: int = 2,
+        batched: bool = False,
+        dtype: torch.dtype | None = torch.int64,
+        verify: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit_bytes: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        super().__init__()
+        self.storage_options = dict(storage_options or {})
+        self.manifest: Manifest = load_manifest(manifest_url, self.storage_options)
+        self.split = split
+        self._split = self.manifest.split(split)
+        self.global_batch_size = int(global_batch_size)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.shuffle_window = int(shuffle_window)
+        self.remainder = remainder
+        self.prefetch = max(0, int(prefetch))
+        self.num_threads = max(1, int(num_threads))
+        self.batched = bool(batched)
+        self.dtype = dtype
+        self.verify = verify
+        self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
+        self.cache_limit_bytes = cache_limit_bytes
+        self.retry = retry or RetryPolicy()
+        self._rank_arg, self._world_arg = rank, world_size
+        resolve_rank(rank, world_size)  # validates the pair
+        # Validate the batch geometry now when the world is known.
+        BatchPlan(self.num_samples, self.global_batch_size, *self._resolved(), remainder=remainder)
+        EpochOrder([1], seed=self.seed, epoch=int(epoch), shuffle_window=self.shuffle_window)
+        self._epoch = int(epoch)
+        self._position = 0
+        self._rank_offset = 0
+        self._fs: Any = None
+        self._fs_pid: int | None = None
+        self._cache: ShardCache | None = None
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sample."""
+        return self.manifest.seq_len
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the split."""
+        return self._split.num_samples
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """Global samples of the current epoch consumed so far (at a global batch boundary)."""
+        return self._position
+
+    def _resolved(self) -> tuple[int, int]:
+        return resolve_rank(self._rank_arg, self._world_arg)
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (resolved now)."""
+        return self._resolved()[0]
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks (resolved now)."""
+        return self._resolved()[1]
+
+    @property
+    def local_batch_size(self) -> int:
+        """Samples per rank per global batch."""
+        return self.global_batch_size // self.world_size
+
+    def _plan(self, start: int | None = None) -> BatchPlan:
+        rank, world = self._resolved()
+        return BatchPlan(
+            total=self.num_samples,
+            global_batch_size=self.global_batch_size,
+            rank=rank,
+            world_size=world,
+            start=self._position if start is None else start,
+            remainder=self.remainder,
+        )
+
+    def __len__(self) -> int:
+        """Items (samples, or batches when ``batched``) left to yield in the current epoch."""
+        plan = self._plan()
+        if self.batched:
+            return plan.num_batches
+        return plan.num_batches * plan.local_batch_size - self._rank_offset
+
+    # ------------------------------------------------------------ state
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its beginning; a no-op when it is already the current epoch
+        (so a loop that calls ``set_epoch`` after ``load_state_dict`` resumes mid-epoch)."""
+        if epoch != self._epoch:
+            self._epoch = int(epoch)
+            self._position = 0
+            self._rank_offset = 0
+
+    def reset(self) -> None:
+        """Restart the current epoch from its first sample."""
+        self._position = 0
+        self._rank_offset = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resumable position: plain ints and strings, for any checkpoint format."""
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "fingerprint": self.manifest.fingerprint(self.split),
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "shuffle_window": self.shuffle_window,
+            "remainder": self.remainder,
+            "global_batch_size": self.global_batch_size,
+            "world_size": self.world_size,
+            "epoch": self._epoch,
+            "position": self._position,
+            "rank_offset": self._rank_offset,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; the world size may differ, the data and order may not.
+
+        The global batch size may differ too (batches then start at the saved
+        position). A state saved in the middle of a local batch (``rank_offset``
+        > 0) can only be resumed with the same world size and batch size.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported data state version {state.get('version')}")
+        mine = self.state_dict()
+        keys = ("split", "fingerprint", "seed", "shuffle", "shuffle_window", "remainder")
+        diff = [
+            f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in keys if state.get(k) != mine[k]
+        ]
+        if diff:
+            raise ValueError("data state does not match this dataset: " + "; ".join(diff))
+        offset = int(state.get("rank_offset", 0))
+        if offset and (
+            state["world_size"] != mine["world_size"]
+            or state["global_batch_size"] != mine["global_batch_size"]
+        ):
+            raise ValueError(
+                "state was saved in the middle of a local batch; resume it with the same "
+                "world size and global batch size, or save at a batch boundary"
+            )
+        self._epoch = int(state["epoch"])
+        self._position = int(state["position"])
+        self._rank_offset = offset
+
+    # ------------------------------------------------------------ reading
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_fs"] = None
+        d["_fs_pid"] = None
+        d["_cache"] = None
+        return d
+
+    def _filesystem(self) -> Any:
+        if self._fs is None or self._fs_pid != os.getpid():
+            assert self.manifest.url is not None
+            self._fs, _ = storage.filesystem(self.manifest.url, self.storage_options)
+            self._fs_pid = os.getpid()
+            if self.cache_dir is not None:
+                self._cache = ShardCache(self.cache_dir, self.cache_limit_bytes)
+        return self._fs
+
+    def _fetch_bytes(self, shard: ShardInfo, url: str) -> bytes:
+        fs = self._filesystem()
+        path = fs._strip_protocol(url)  # noqa: SLF001 - fsspec's own URL -> path mapping
+        data = retry_call(lambda: fs.cat_file(path), what=f"shard {url}", policy=self.retry)
+        if len(data) != shard.num_bytes:
+            raise ChecksumMismatchError(
+                f"shard {url}: {len(data):,} bytes, the manifest says {shard.num_bytes:,} "
+                "(the shard was replaced or truncated)"
+            )
+        if self.verify:
+            got = sha256_bytes(data)
+            if got != shard.sha256:
+                raise ChecksumMismatchError(
+                    f"shard {url}: sha256 {got} does not match the manifest's {shard.sha256} "
+                    "(corrupt or replaced shard)"
+                )
+        return data
+
+    def load_shard(self, index: int) -> np.ndarray:
+        """The ``(num_samples, seq_len)`` uint8 array of shard ``index`` of the split."""
+        shard = self._split.shards[index]
+        url = self.manifest.shard_url(shard)
+        self._filesystem()
+        cache = self._cache
+        data = cache.get(shard.sha256) if cache is not None else None
+        if data is not None and sha256_bytes(data) != shard.sha256:
+            log.warning("shard cache: entry for %s is corrupt; fetching again", url)
+            cache.discard(shard.sha256)  # type: ignore[union-attr]
+            data = None
+        if data is None:
+            data = self._fetch_bytes(shard, url)
+            if cache is not None:
+                cache.put(shard.sha256, data)
+        return decode_shard(data, seq_len=self.seq_len, num_samples=shard.num_samples, name=url)
+
+    def _load_rows(self, index: int, rows: np.ndarray) -> np.ndarray:
+        arr = self.load_shard(index)
+        if rows.size == arr.shape[0]:
+            return arr
+        return arr[rows]
+
+    def _iter_arrays(
+        self,
+        epoch: int,
+        start: int,
+        skip: int,
+        rank: int,
+        world: int,
+        worker: int = 0,
+        num_workers: int = 1,
+    ) -> Iterator[np.ndarray]:
+        """Numpy samples (or local batches) of one worker's share, from position ``start``."""
+        plan = BatchPlan(
+            self.num_samples, self.global_batch_size, rank, world, start, self.remainder
+        )
+        batches = [pos for _, pos in plan.worker_batches(worker, num_workers, skip=skip)]
+        if not batches:
+            return
+        order = EpochOrder(
+            [s.num_samples for s in self._split.shards],
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            shuffle_window=self.shuffle_window,
+        )
+        positions = np.concatenate(batches)
+        batch_ends = np.cumsum([len(b) for b in batches])
+        visits = _plan_visits(order, positions)
+        tasks = [t for v in visits for t in v.tasks]
+        first_task = np.cumsum([0] + [len(v.tasks) for v in visits])
+        fetcher = _Prefetcher(self._load_rows, tasks, self.num_threads)
+        seq_len = self.seq_len
+        try:
+            batch_i = 0
+            buf: np.ndarray | None = None
+            fill = 0
+            for vi, visit in enumerate(visits):
+                a, b = int(first_task[vi]), int(first_task[vi + 1])
+                fetcher.submit_until(b + self.prefetch)
+                parts = [fetcher.result(i) for i in range(a, b)]
+                pool = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                del parts
+                fetcher.submit_until(b + self.prefetch)
+                idx = visit.pool_index
+                if not self.batched:
+                    for j in idx:
+                        yield pool[j]
+                    continue
+                p = visit.begin
+                while p < visit.end:
+                    batch_end = int(batch_ends[batch_i])
+                    if buf is None:
+                        size = batch_end - (int(batch_ends[batch_i - 1]) if batch_i else 0)
+                        buf = np.empty((size, seq_len), dtype=np.uint8)
+                        fill = 0
+                    n = min(batch_end, visit.end) - p
+                    off = p - visit.begin
+                    buf[fill : fill + n] = pool[idx[off : off + n]]
+                    fill += n
+                    p += n
+                    if p == batch_end:
+                        yield buf
+                        buf = None
+                        batch_i += 1
+                del pool
+        finally:
+            fetcher.close()
+
+    def _to_output(self, arr: np.ndarray) -> Any:
+        if self.dtype is None:
+            return arr.copy() if arr.base is not None else arr
+        if self.dtype == torch.uint8:
+            return torch.from_numpy(arr.copy() if arr.base is not None else arr)
+        return torch.from_numpy(arr).to(self.dtype)
+
+    def _generate(self, epoch: int, start: int, skip: int, rank: int, world: int) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers > 1 and skip:
+            raise ValueError("cannot resume mid-batch with DataLoader workers")
+        for arr in self._iter_arrays(epoch, start, skip, rank, world, worker, num_workers):
+            yield self._to_output(arr)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Yield this rank's share of the rest of the current epoch and track the position.
+
+        Inside DataLoader worker processes use :meth:`loader` instead, which
+        splits the work among the workers and tracks the position in the
+        main process.
+        """
+        rank, world = self._resolved()
+        epoch, start, skip = self._epoch, self._position, self._rank_offset
+        if get_worker_info() is not None:
+            # Iterated by a plain DataLoader's worker: this copy's state is not the
+            # caller's, so only the split of work matters here.
+            yield from self._generate(epoch, start, skip, rank, world)
+            return
+        local = self.global_batch_size // world
+        for item in self._generate(epoch, start, skip, rank, world):
+            if self.batched:
+                self._position += self.global_batch_size
+                self._rank_offset = 0
+            else:
+                self._rank_offset += 1
+                if self._rank_offset == local:
+                    self._position += self.global_batch_size
+                    self._rank_offset = 0
+            yield item
+        if self._epoch == epoch:
+            self._epoch += 1
+            self._position = 0
+            self._rank_offset = 0
+
+    def loader(
+        self,
+        *,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        multiprocessing_context: Any = None,
+    ) -> StreamingLoader:
+        """A DataLoader over this dataset that yields local batches ``(L, seq_len)`` in the
+        global order and keeps this dataset's position (so ``state_dict()`` is exact)."""
+        return StreamingLoader(
+            self,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers,
+            multiprocessing_context=multiprocessing_context,
+        )
+
+
+class _EpochView(IterableDataset):
+    """What a DataLoader iterates for :class:`StreamingLoader`: a fixed starting point."""
+
+    def __init__(self, ds: StreamingDataset, epoch: int, start: int, rank: int, world: int):
+        super().__init__()
+        self.ds, self.epoch, self.start, self.rank, self.world = ds, epoch, start, rank, world
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.ds._generate(self.epoch, self.start, 0, self.rank, self.world)  # noqa: SLF001
+
+
+class StreamingLoader:
+    """A ``torch.utils.data.DataLoader`` over a :class:`StreamingDataset` that keeps its position.
+
+    Yields local batches of shape ``(local_batch_size, seq_len)`` in the global
+    order, with any number of worker processes (worker k produces local
+    batches k, k + K, ... and the DataLoader's round-robin restores the order).
+    Each batch handed out advances the dataset's position by one global batch,
+    so ``state_dict()`` (of the loader or the dataset) is exact at any time.
+    With K workers each shard is read by every worker that needs rows of it;
+    ``num_workers=0`` with the dataset's background threads is usually enough.
+    """
+
+    def __init__(self, dataset: StreamingDataset, **dataloader_kwargs: Any) -> None:
+        self.dataset = dataset
+        kwargs = {k: v for k, v in dataloader_kwargs.items() if v is not None}
+        if kwargs.get("num_workers", 0) == 0:
+            kwargs.pop("prefetch_factor", None)
+            kwargs.pop("persistent_workers", None)
+            kwargs.pop("multiprocessing_context", None)
+        self.dataloader_kwargs = kwargs
+
+    def __len__(self) -> int:
+        return self.dataset._plan().num_batches  # noqa: SLF001
+
+    def state_dict(self) -> dict[str, Any]:
+        """The dataset's resumable position."""
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the dataset's position."""
+        self.dataset.load_state_dict(state)
+
+    def set_epoch(self, epoch: int) -> None:
+        """See :meth:`StreamingDataset.set_epoch`."""
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        ds = self.dataset
+        if ds._rank_offset:  # noqa: SLF001
+            raise ValueError(
+                "the dataset is in the middle of a local batch (sample-wise iteration); "
+                "a loader resumes only at batch boundaries"
+            )
+        rank, world = ds._resolved()  # noqa: SLF001
+        epoch, start = ds.epoch, ds.position
+        view = _EpochView(ds, epoch, start, rank, world)
+        batch_size = None if ds.batched else ds.global_batch_size // world
+        loader = DataLoader(view, batch_size=batch_size, **self.dataloader_kwargs)
+        for batch in loader:
+            ds._position += ds.global_batch_size  # noqa: SLF001
+            yield batch
+        if ds.epoch == epoch:
+            ds._epoch += 1  # noqa: SLF001
+            ds._position = 0  # noqa: SLF001
