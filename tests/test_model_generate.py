@@ -165,6 +165,10 @@ def test_greedy_generation_follows_the_full_forward_argmax():
     with torch.no_grad():
         logits, _ = model(out[:, :-1])
     assert torch.equal(out[:, 3:], logits[:, 2:].argmax(-1))
+    for row in range(2):  # batching changes nothing per sequence
+        assert torch.equal(
+            generate(model, prompt[row : row + 1], 20, temperature=0.0), out[row : row + 1]
+        )
 
 
 def test_generate_rejects_sequences_beyond_the_context():
