@@ -15,7 +15,10 @@ import sys
 from collections.abc import Sequence
 
 # name -> module that registers it; the order is the order of --help.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("sparse_transformer.benchmarks.cli",)
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "sparse_transformer.benchmarks.cli",
+    "sparse_transformer.data.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
