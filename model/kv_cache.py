@@ -56,46 +56,52 @@ class _Store:
         self.pos: torch.Tensor | None = None
 
     # -- what subclasses define ---------------------------------------------------------
-    def slots(self, positions: torch.Tensor) -> torch.Tensor:
-        """(H, T) slot of each position per head, -1 where the head does not keep it."""
+    def slots(self, positions: torch.Tensor, last: int) -> torch.Tensor:
+        """(H, T) slot of each position per head, -1 where the head does not keep it.
+        ``positions`` are consecutive and end at ``last``."""
         raise NotImplementedError
 
     def read_slots(self, i: int) -> torch.Tensor | None:
         """Slots worth reading for query position i (None: all of them)."""
         return None
 
-    def allowed(self, h: torch.Tensor, i: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def allowed(self, h: torch.Tensor, i: int, pos: torch.Tensor) -> torch.Tensor:
         """(H, S) may the query at i of each head read the key held in each slot?"""
         raise NotImplementedError
 
     # -- shared mechanics ---------------------------------------------------------------
-    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store keys/values (B, H, T, d) of the consecutive ``positions`` (T,)."""
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store keys/values (B, H, T, d) of positions start .. start + T - 1.
+
+        Positions a head does not keep go to one scratch slot past the capacity
+        (never read), so writing needs no host synchronisation.
+        """
+        b, h, t, dk = k.shape
         if self.k is None:
-            b, h, _, dk = k.shape
-            self.k = k.new_zeros(b, h, self.capacity, dk)
-            self.v = v.new_zeros(b, h, self.capacity, v.shape[-1])
-            self.pos = torch.full((h, self.capacity), -1, dtype=torch.long, device=k.device)
+            self.k = k.new_zeros(b, h, self.capacity + 1, dk)  # + 1: the scratch slot
+            self.v = v.new_zeros(b, h, self.capacity + 1, v.shape[-1])
+            self.pos = torch.full((h, self.capacity + 1), -1, dtype=torch.long, device=k.device)
             self.uses_a1 = self.uses_a1.to(k.device)
             self.uses_a2 = self.uses_a2.to(k.device)
-        slots = self.slots(positions)  # (H, T)
-        hh, tt = (slots >= 0).nonzero(as_tuple=True)
-        ss = slots[hh, tt]
-        self.k[:, hh, ss] = k[:, hh, tt]
-        self.v[:, hh, ss] = v[:, hh, tt]
-        self.pos[hh, ss] = positions[tt]
+            self.heads = torch.arange(h, device=k.device)[:, None]  # (H, 1)
+        positions = torch.arange(start, start + t, device=k.device)  # (T,)
+        slots = self.slots(positions, start + t - 1)  # (H, T)
+        slots = torch.where(slots >= 0, slots, self.capacity)  # dropped -> scratch
+        self.k[:, self.heads, slots] = k  # (B, H, T, dk) scattered by (head, slot)
+        self.v[:, self.heads, slots] = v
+        self.pos[self.heads, slots] = positions.expand(h, t)
+        self.pos[:, self.capacity] = -1
 
     def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys (B, H, S, d_qk), values (B, H, S, d) and the (H, S) mask for query i."""
         assert self.k is not None and self.v is not None and self.pos is not None
         idx = self.read_slots(i)
         if idx is None:
-            k, v, pos = self.k, self.v, self.pos
+            c = self.capacity  # all slots but the scratch one
+            k, v, pos = self.k[:, :, :c], self.v[:, :, :c], self.pos[:, :c]
         else:
             k, v, pos = self.k[:, :, idx], self.v[:, :, idx], self.pos[:, idx]
-        h = torch.arange(self.n_heads, device=pos.device)[:, None]  # (H, 1)
-        q = torch.tensor(i, device=pos.device)
-        return k, v, (pos >= 0) & self.allowed(h, q, pos)
+        return k, v, (pos >= 0) & self.allowed(self.heads, i, pos)
 
 
 class _RingStore(_Store):
@@ -105,12 +111,12 @@ class _RingStore(_Store):
         super().__init__(pattern, n_heads)
         self.capacity = capacity
 
-    def slots(self, positions: torch.Tensor) -> torch.Tensor:
-        keep = positions > positions.max() - self.capacity  # only the last W can survive
+    def slots(self, positions: torch.Tensor, last: int) -> torch.Tensor:
+        keep = positions > last - self.capacity  # only the last W can survive
         slot = torch.where(keep, positions % self.capacity, -1)  # (T,)
         return torch.where(self.uses_a1[:, None], slot[None, :], -1)  # (H, T)
 
-    def allowed(self, h: torch.Tensor, i: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def allowed(self, h: torch.Tensor, i: int, pos: torch.Tensor) -> torch.Tensor:
         return self.uses_a1[:, None] & self.pattern.a1(h, i, pos)
 
 
@@ -124,8 +130,9 @@ class _SummaryStore(_Store):
         lo, _ = pattern.summary_window(torch.arange(n_heads))
         self.lo = torch.as_tensor(lo).expand(n_heads)  # (H,)
 
-    def slots(self, positions: torch.Tensor) -> torch.Tensor:
-        lo = self.lo.to(positions.device)[:, None]  # (H, 1)
+    def slots(self, positions: torch.Tensor, last: int) -> torch.Tensor:
+        self.lo = self.lo.to(positions.device)
+        lo = self.lo[:, None]  # (H, 1)
         r = positions[None, :] % self.l  # (1, T)
         inside = (r >= lo) & (r < lo + self.c) & self.uses_a2[:, None]  # (H, T)
         return torch.where(inside, (positions[None, :] // self.l) * self.c + r - lo, -1)
@@ -134,7 +141,7 @@ class _SummaryStore(_Store):
         filled = min(self.capacity, (i // self.l + 1) * self.c)  # chunks up to i's
         return torch.arange(filled, device=self.pos.device)
 
-    def allowed(self, h: torch.Tensor, i: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def allowed(self, h: torch.Tensor, i: int, pos: torch.Tensor) -> torch.Tensor:
         a2 = self.pattern.a2(h, i, pos)
         seen_by_a1 = self.uses_a1[:, None] & self.pattern.a1(h, i, pos)
         return self.uses_a2[:, None] & a2 & ~seen_by_a1
@@ -147,7 +154,7 @@ class _FullStore(_Store):
         super().__init__(pattern, n_heads)
         self.capacity = n_ctx
 
-    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+    def slots(self, positions: torch.Tensor, last: int) -> torch.Tensor:
         return positions[None, :].expand(self.n_heads, -1)
 
     def read_slots(self, i: int) -> torch.Tensor:
@@ -161,8 +168,8 @@ class _FullStore(_Store):
         column = torch.arange(i % l, i - l, l, device=dev)  # A2 below the band
         return torch.cat([column, band])
 
-    def allowed(self, h: torch.Tensor, i: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.pattern.mask_mod(torch.zeros_like(i), h, i, pos)
+    def allowed(self, h: torch.Tensor, i: int, pos: torch.Tensor) -> torch.Tensor:
+        return self.pattern.mask_mod(0, h, i, pos)
 
 
 class LayerKVCache:
@@ -209,9 +216,8 @@ class LayerKVCache:
             raise ValueError(
                 f"kv cache: {self.length} + {t} positions exceed the context n_ctx = {self.n_ctx}"
             )
-        positions = torch.arange(self.length, self.length + t, device=k.device)
         for store in self.stores:
-            store.write(positions, k, v)
+            store.write(self.length, k, v)
         self.length += t
 
     def attend(self, q: torch.Tensor, i: int, scale: float) -> torch.Tensor:
