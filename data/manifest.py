@@ -148,10 +148,12 @@ def manifest_url(url: str) -> str:
     return url if url.endswith(".json") else storage.join(url, MANIFEST_NAME)
 
 
-def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
+def load_manifest(
+    url: str, storage_options: dict[str, Any] | None = None, retry: Any = None
+) -> Manifest:
     """Read the manifest of the dataset at ``url`` (a directory or the manifest itself).
 
-    Transient storage failures are retried (see :mod:`retry`); a missing manifest
+    Transient storage failures are retried (``retry``: a :class:`RetryPolicy`); a missing manifest
     raises :class:`ManifestError`, which says the dataset was never completed.
     """
     from sparse_transformer.data.retry import retry_call
@@ -159,7 +161,7 @@ def load_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
     url = manifest_url(url)
     fs, path = storage.filesystem(url, storage_options)
     try:
-        text = retry_call(lambda: fs.cat_file(path), what=f"manifest {url}")
+        text = retry_call(lambda: fs.cat_file(path), what=f"manifest {url}", policy=retry)
     except FileNotFoundError:
         raise ManifestError(
             f"{url}: no manifest (the dataset does not exist or its preparation did not finish)"

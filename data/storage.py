@@ -52,7 +52,6 @@ def storage_options_for(url: str, storage_options: dict[str, Any] | None = None)
         config = dict(_S3_DEFAULT_CONFIG)
         config.update(options.get("config_kwargs") or {})
         options["config_kwargs"] = config
-        options.setdefault("retries", 2)
     return options
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -102,13 +103,16 @@ def _plan_visits(order: EpochOrder, positions: np.ndarray) -> list[_Visit]:
 
 
 class _Prefetcher:
-    """Runs shard loads on a thread pool, at most ``depth`` tasks ahead of the consumer."""
+    """Runs shard loads on a thread pool, as far ahead as the consumer allows."""
 
-    def __init__(self, load: Any, tasks: list[tuple[int, np.ndarray]], threads: int) -> None:
+    def __init__(
+        self, load: Any, tasks: list[tuple[int, np.ndarray]], threads: int, stats: DataStats
+    ) -> None:
         self._load = load
         self._tasks = tasks
         self._futures: dict[int, Future[np.ndarray]] = {}
         self._next = 0
+        self._stats = stats
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="shard-prefetch")
 
     def submit_until(self, end: int) -> None:
@@ -117,6 +121,7 @@ class _Prefetcher:
             shard, rows = self._tasks[self._next]
             self._futures[self._next] = self._pool.submit(self._load, shard, rows)
             self._next += 1
+        self._stats.note_held(len(self._futures))
 
     def result(self, i: int) -> np.ndarray:
         self.submit_until(i + 1)
@@ -127,6 +132,40 @@ class _Prefetcher:
             f.cancel()
         self._futures.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class DataStats:
+    """Counters of one process's reading (thread-safe): what a benchmark or a test looks at."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.shards_fetched = 0  # from storage
+        self.bytes_fetched = 0
+        self.cache_hits = 0
+        self.max_shards_held = 0  # most shard loads submitted and not yet consumed at once
+
+    def add_fetch(self, nbytes: int) -> None:
+        with self._lock:
+            self.shards_fetched += 1
+            self.bytes_fetched += nbytes
+
+    def add_cache_hit(self) -> None:
+        with self._lock:
+            self.cache_hits += 1
+
+    def note_held(self, n: int) -> None:
+        with self._lock:
+            self.max_shards_held = max(self.max_shards_held, n)
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters."""
+        with self._lock:
+            return {
+                "shards_fetched": self.shards_fetched,
+                "bytes_fetched": self.bytes_fetched,
+                "cache_hits": self.cache_hits,
+                "max_shards_held": self.max_shards_held,
+            }
 
 
 class StreamingDataset(IterableDataset):
@@ -178,7 +217,8 @@ class StreamingDataset(IterableDataset):
     ) -> None:
         super().__init__()
         self.storage_options = dict(storage_options or {})
-        self.manifest: Manifest = load_manifest(manifest_url, self.storage_options)
+        self.retry = retry or RetryPolicy()
+        self.manifest: Manifest = load_manifest(manifest_url, self.storage_options, self.retry)
         self.split = split
         self._split = self.manifest.split(split)
         self.global_batch_size = int(global_batch_size)
@@ -193,7 +233,6 @@ class StreamingDataset(IterableDataset):
         self.verify = verify
         self.cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
         self.cache_limit_bytes = cache_limit_bytes
-        self.retry = retry or RetryPolicy()
         self._rank_arg, self._world_arg = rank, world_size
         resolve_rank(rank, world_size)  # validates the pair
         # Validate the batch geometry now when the world is known.
@@ -205,6 +244,7 @@ class StreamingDataset(IterableDataset):
         self._fs: Any = None
         self._fs_pid: int | None = None
         self._cache: ShardCache | None = None
+        self.stats = DataStats()
 
     # ------------------------------------------------------------ properties
 
@@ -332,7 +372,12 @@ class StreamingDataset(IterableDataset):
         d["_fs"] = None
         d["_fs_pid"] = None
         d["_cache"] = None
+        d["stats"] = None
         return d
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        self.stats = DataStats()
 
     def _filesystem(self) -> Any:
         if self._fs is None or self._fs_pid != os.getpid():
@@ -346,7 +391,11 @@ class StreamingDataset(IterableDataset):
     def _fetch_bytes(self, shard: ShardInfo, url: str) -> bytes:
         fs = self._filesystem()
         path = fs._strip_protocol(url)  # noqa: SLF001 - fsspec's own URL -> path mapping
-        data = retry_call(lambda: fs.cat_file(path), what=f"shard {url}", policy=self.retry)
+        try:
+            data = retry_call(lambda: fs.cat_file(path), what=f"shard {url}", policy=self.retry)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard {url}: not found in storage") from None
+        self.stats.add_fetch(len(data))
         if len(data) != shard.num_bytes:
             raise ChecksumMismatchError(
                 f"shard {url}: {len(data):,} bytes, the manifest says {shard.num_bytes:,} "
@@ -368,10 +417,13 @@ class StreamingDataset(IterableDataset):
         self._filesystem()
         cache = self._cache
         data = cache.get(shard.sha256) if cache is not None else None
-        if data is not None and sha256_bytes(data) != shard.sha256:
-            log.warning("shard cache: entry for %s is corrupt; fetching again", url)
-            cache.discard(shard.sha256)  # type: ignore[union-attr]
-            data = None
+        if data is not None:
+            if sha256_bytes(data) != shard.sha256:
+                log.warning("shard cache: entry for %s is corrupt; fetching again", url)
+                cache.discard(shard.sha256)  # type: ignore[union-attr]
+                data = None
+            else:
+                self.stats.add_cache_hit()
         if data is None:
             data = self._fetch_bytes(shard, url)
             if cache is not None:
@@ -413,7 +465,7 @@ class StreamingDataset(IterableDataset):
         visits = _plan_visits(order, positions)
         tasks = [t for v in visits for t in v.tasks]
         first_task = np.cumsum([0] + [len(v.tasks) for v in visits])
-        fetcher = _Prefetcher(self._load_rows, tasks, self.num_threads)
+        fetcher = _Prefetcher(self._load_rows, tasks, self.num_threads, self.stats)
         seq_len = self.seq_len
         try:
             batch_i = 0
