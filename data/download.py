@@ -34,6 +34,7 @@ WIKI_SAMPLE_PACKAGE = "gensim==4.4.0"
 WIKI_SAMPLE_MEMBER = (
     "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 )
+# sha256 of the .bz2 as shipped (informational: the decompressed bytes are what is verified).
 WIKI_SAMPLE_BZ2_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
 WIKI_SAMPLE_SIZE = 6_089_746
 WIKI_SAMPLE_SHA256 = "34c1c63050c87cc8477b9ae36b1cb0edf372612c92938b742e579a7109c20fa4"
@@ -155,15 +156,8 @@ def extract_wiki_sample(archive: str | os.PathLike[str], dest: str | os.PathLike
                     raise DownloadError(f"{archive}: has no member {WIKI_SAMPLE_MEMBER}") from None
         else:
             compressed = archive.read_bytes()
-        if compressed[:3] == b"BZh":
-            got = hashlib.sha256(compressed).hexdigest()
-            if got != WIKI_SAMPLE_BZ2_SHA256:
-                raise ChecksumMismatchError(
-                    f"{archive}: wiki-sample .bz2 sha256 {got} != {WIKI_SAMPLE_BZ2_SHA256}"
-                )
-            data = bz2.decompress(compressed)
-        else:
-            data = compressed
+        # The decompressed bytes are what is verified: a re-compressed copy is fine.
+        data = bz2.decompress(compressed) if compressed[:3] == b"BZh" else compressed
     except (OSError, EOFError, zipfile.BadZipFile) as e:
         raise DownloadError(f"{archive}: cannot read the wiki sample: {e}") from e
     got = hashlib.sha256(data).hexdigest()
