@@ -44,6 +44,13 @@ from sparse_transformer.data.shards import decode_shard, sha256_bytes
 log = logging.getLogger("sparse_transformer.data")
 
 STATE_VERSION = 1
+_NUMPY_DTYPES = {
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+}
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -508,6 +515,11 @@ class StreamingDataset(IterableDataset):
             return arr.copy() if arr.base is not None else arr
         if self.dtype == torch.uint8:
             return torch.from_numpy(arr.copy() if arr.base is not None else arr)
+        np_dtype = _NUMPY_DTYPES.get(self.dtype)
+        if np_dtype is not None:
+            # numpy converts on this thread: torch's intra-op (OpenMP) pool would spin on
+            # the cores the training step needs.
+            return torch.from_numpy(arr.astype(np_dtype))
         return torch.from_numpy(arr).to(self.dtype)
 
     def _generate(self, epoch: int, start: int, skip: int, rank: int, world: int) -> Iterator[Any]:
