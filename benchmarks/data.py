@@ -242,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                 table,
                 "",
                 "Goal: at least 50 MB/s from SeaweedFS. One GPU training the enwik8 model "
-                "consumes a few hundred KB/s of tokens, so the loader is never the bottleneck.",
+                "(95M parameters, 12,288-token samples) takes on the order of 1e5 tokens/s, "
+                "about 0.1 MB/s of uint8 tokens (0.8 MB/s as int64): the loader is never the "
+                "bottleneck.",
             ]
         )
         write_docs(text)
