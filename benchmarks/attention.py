@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 
 import torch
@@ -128,7 +129,12 @@ def _measure(attn, q, k, v, dout) -> dict:
     return {"fwd_ms": fwd * 1e3, "fwd_bwd_ms": fwd_bwd * 1e3, "peak_bytes": peak_memory(fb)}
 
 
-def run_config(name: str, dtype: torch.dtype) -> dict:
+def log(msg: str) -> None:
+    """Progress on stderr, so a run cut short still shows where it was."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_config(name: str, dtype: torch.dtype, baselines: tuple[str, ...]) -> dict:
     kind, mode, heads, d, n, l, c, batch, blocks = CONFIGS[name]
     pattern = pattern_for_layer(kind, mode=mode, layer=0, n_heads=heads, stride=l, summary=c)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -153,6 +159,7 @@ def run_config(name: str, dtype: torch.dtype) -> dict:
         m["tflops_fwd_bwd"] = 3.5 * flops / m["fwd_bwd_ms"] / 1e9
         m["density"] = stats["density"]
         m["executed_pairs"] = stats["pairs"]
+        log(f"{name} ours {bq}x{bk}: {m['fwd_ms']:.3f} / {m['fwd_bwd_ms']:.3f} ms")
         if best is None or m["fwd_bwd_ms"] < best["fwd_bwd_ms"]:
             best, best_layout = m, layout
     row["ours"] = best
@@ -162,16 +169,29 @@ def run_config(name: str, dtype: torch.dtype) -> dict:
     from sparse_transformer.ops.flex import compiled_flex_attention, flex_attention_backend
 
     flex = None
-    for bs in FLEX_BLOCKS:
+    for bs in FLEX_BLOCKS if "flex" in baselines else ():
         layout = best_layout
         try:
             fn = compiled_flex_attention()
 
-            def attn(a, b_, c_, lay=layout, bs=bs, fn=fn):
-                return flex_attention_backend(a, b_, c_, lay, block_size=bs, kernel=fn)
+            bm, bn = bs if isinstance(bs, tuple) else (bs, bs)
+            opts = None
+            if (bm, bn) != (128, 128):  # FlexAttention's kernel tiles must divide the mask's
+                opts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_M1": min(bm, bn), "BLOCK_N1": bn}
+                opts.update(BLOCK_M2=bm, BLOCK_N2=min(bm, bn))
 
+            def attn(a, b_, c_, lay=layout, bs=bs, fn=fn, opts=opts):
+                return flex_attention_backend(
+                    a, b_, c_, lay, block_size=bs, kernel=fn, kernel_options=opts
+                )
+
+            t = time.perf_counter()
             m = _measure(attn, q, k, v, dout)
             m["block"] = str(bs)
+            log(
+                f"{name} flex {bs}: {m['fwd_ms']:.3f} / {m['fwd_bwd_ms']:.3f} ms "
+                f"(with compile {time.perf_counter() - t:.0f} s)"
+            )
         except Exception as exc:  # a block size FlexAttention cannot compile
             row.setdefault("flex_failures", []).append(f"{bs}: {type(exc).__name__}: {exc}"[:300])
             torch.cuda.empty_cache()
@@ -183,11 +203,13 @@ def run_config(name: str, dtype: torch.dtype) -> dict:
     def sdpa(a, b_, c_):
         return torch.nn.functional.scaled_dot_product_attention(a, b_, c_, is_causal=True)
 
-    try:
-        row["sdpa"] = _measure(sdpa, q, k, v, dout)
-    except torch.OutOfMemoryError as exc:
-        row["sdpa"] = None
-        row["sdpa_failure"] = str(exc)[:200]
+    row["sdpa"] = None
+    if "sdpa" in baselines:
+        try:
+            row["sdpa"] = _measure(sdpa, q, k, v, dout)
+            log(f"{name} sdpa: {row['sdpa']['fwd_ms']:.3f} / {row['sdpa']['fwd_bwd_ms']:.3f} ms")
+        except torch.OutOfMemoryError as exc:
+            row["sdpa_failure"] = str(exc)[:200]
     torch.cuda.empty_cache()
     return row
 
@@ -241,20 +263,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--baselines", default="flex,sdpa", help="comma list: flex, sdpa")
     parser.add_argument("--json", help="write the full results as JSON here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention.py needs a CUDA GPU (see attention_cpu.py)")
     dtype = getattr(torch, args.dtype)
+    # every (block size, shape, grad mode) is its own FlexAttention graph
+    for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 256)
     result = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
+        "command": " ".join(
+            ["python -m sparse_transformer.benchmarks.attention", *(argv or sys.argv[1:])]
+        ),
         "matmul_tflops": matmul_rate(),
         "layout_build": layout_build_time(),
         "rows": [],
     }
+    log(f"matmul {result['matmul_tflops']:.0f} TFLOP/s, layout {result['layout_build']}")
     for name in args.configs.split(","):
-        row = run_config(name, dtype)
+        row = run_config(name, dtype, tuple(args.baselines.split(",")))
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         if args.json:

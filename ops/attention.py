@@ -62,9 +62,12 @@ def _validate(q, k, v, layout: BlockLayout, backend: str, causal: bool) -> None:
         raise ValueError(f"sparse_attention: empty input of shape {tuple(q.shape)}")
 
 
+_HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """Is the Triton backend importable here (Triton installed and a CUDA device)?"""
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    return _HAVE_TRITON and torch.cuda.is_available()
 
 
 def _pick_backend(q: torch.Tensor, layout: BlockLayout) -> str:

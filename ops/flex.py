@@ -21,11 +21,10 @@ def flex_block_mask(layout: BlockLayout, block_size: int | None = None, compile:
     block_size = block_size or 128
     key = ("flex", block_size, compile)
     if key not in layout._cache:
-        orders = layout.head_orders()  # (H, N)
         n, pattern = layout.n, layout.pattern
 
         def mask_mod(b, h, q_idx, kv_idx):
-            qo, ko = orders[h, q_idx], orders[h, kv_idx]
+            qo, ko = layout.order_mod(h, q_idx), layout.order_mod(h, kv_idx)
             return pattern.mask_mod(b, h, qo, ko) & (ko < n)
 
         layout._cache[key] = create_block_mask(
@@ -60,8 +59,9 @@ def flex_attention_backend(
     layout: BlockLayout,
     *,
     scale: float | None = None,
-    block_size: int | None = None,
+    block_size: int | tuple[int, int] | None = None,
     kernel=None,
+    kernel_options: dict | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention through FlexAttention. ``kernel`` may be a ``torch.compile``-d
@@ -77,7 +77,15 @@ def flex_attention_backend(
     block_mask = flex_block_mask(layout, block_size, compile=q.is_cuda)
     fn = kernel or (compiled_flex_attention() if q.is_cuda else flex_attention)
     qh, kh, vh = (to_head_order(x, layout) for x in (q, k, v))
-    out, lse = fn(qh, kh, vh, block_mask=block_mask, scale=scale, return_lse=True)
+    out, lse = fn(
+        qh,
+        kh,
+        vh,
+        block_mask=block_mask,
+        scale=scale,
+        return_lse=True,
+        kernel_options=kernel_options,
+    )
     out = from_head_order(out, layout, n)
     if return_lse:
         return out, from_head_order(lse[..., None], layout, n)[..., 0].float()

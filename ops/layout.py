@@ -217,6 +217,16 @@ class BlockLayout:
         inside = p < rows * l
         return torch.where(inside, (p % rows) * l + p // rows, p)
 
+    def order_mod(self, h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """:meth:`order` as elementwise arithmetic on (head, position) tensors, for
+        mask_mods that must not index tables (FlexAttention's compiled mask builder)."""
+        if not self.any_permuted:
+            return p
+        l = self.pattern.stride
+        rows = -(-self.n // l)
+        mapped = torch.where(p < rows * l, (p % rows) * l + p // rows, p)
+        return torch.where(torch.as_tensor(self.pattern.permuted_heads(h)), mapped, p)
+
     def head_orders(self) -> torch.Tensor:
         """(H, N) int64: the order of every head (cached)."""
         if "orders" not in self._cache:

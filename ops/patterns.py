@@ -146,6 +146,16 @@ class Pattern:
         """Does head ``h`` run in the transposed order (strided A2 alone)?"""
         return self.kind == "strided" and self.permute and self.head_component(h) == "a2"
 
+    def permuted_heads(self, h: torch.Tensor) -> torch.Tensor | bool:
+        """Tensor form of :meth:`head_permuted` (for mask_mods that get h as a tensor)."""
+        if not (self.kind == "strided" and self.permute):
+            return False
+        if self.component == "a2":
+            return True
+        if self.component == "split":
+            return h >= self.split_heads
+        return False
+
     def describe(self) -> str:
         """A short human-readable name, for tables and logs."""
         if self.kind == "dense":

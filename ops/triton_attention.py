@@ -30,6 +30,7 @@ checkpointing see a known op.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -60,10 +61,12 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
 # kernels
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def _row_map(p, perm_l, rows, n):
+def _row_map(p, perm_l, rows, n, PERMUTED: tl.constexpr):
     """Original row of head-order positions ``p`` and whether it is a real row."""
-    permuted = (p % rows) * perm_l + p // rows
-    orig = tl.where((perm_l > 0) & (p < rows * perm_l), permuted, p)
+    if PERMUTED:
+        orig = tl.where(p < rows * perm_l, (p % rows) * perm_l + p // rows, p)
+    else:
+        orig = p
     return orig, orig < n
 
 
@@ -96,24 +99,24 @@ def _allowed(i, j, params, KIND0: tl.constexpr, KIND1: tl.constexpr):
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    heads, head_group, params,
+    heads, head_group, group_params,
     indptr, index, full,
     sm_scale_log2, n, H, HS, NQB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    KIND0: tl.constexpr, KIND1: tl.constexpr,
+    KIND0: tl.constexpr, KIND1: tl.constexpr, PERMUTED: tl.constexpr,
 ):  # fmt: skip
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HS
     h = tl.load(heads + bh % HS)
     g = tl.load(head_group + h)
-    prm = params + g * 8
+    prm = group_params + g * 8
     perm_l = tl.load(prm)
     rows = tl.load(prm + 1)
 
     p_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    o_q, v_q = _row_map(p_q, perm_l, rows, n)
+    o_q, v_q = _row_map(p_q, perm_l, rows, n, PERMUTED)
     offs_d = tl.arange(0, D)
     q = tl.load(
         Q + b * sqb + h * sqh + o_q[:, None] * sqn + offs_d[None, :], mask=v_q[:, None], other=0.0
@@ -130,7 +133,7 @@ def _fwd_kernel(
         kb = tl.load(index + e)
         is_full = tl.load(full + e)
         p_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        o_k, v_k = _row_map(p_k, perm_l, rows, n)
+        o_k, v_k = _row_map(p_k, perm_l, rows, n, PERMUTED)
         k = tl.load(k_base + o_k[:, None] * skn + offs_d[None, :], mask=v_k[:, None], other=0.0)
         v = tl.load(v_base + o_k[:, None] * svn + offs_d[None, :], mask=v_k[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
@@ -159,24 +162,24 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,
-    heads, head_group, params,
+    heads, head_group, group_params,
     indptr, index, full,
     sm_scale, sm_scale_log2, n, H, HS, NQB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    KIND0: tl.constexpr, KIND1: tl.constexpr,
+    KIND0: tl.constexpr, KIND1: tl.constexpr, PERMUTED: tl.constexpr,
 ):  # fmt: skip
     qb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HS
     h = tl.load(heads + bh % HS)
     g = tl.load(head_group + h)
-    prm = params + g * 8
+    prm = group_params + g * 8
     perm_l = tl.load(prm)
     rows = tl.load(prm + 1)
 
     p_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    o_q, v_q = _row_map(p_q, perm_l, rows, n)
+    o_q, v_q = _row_map(p_q, perm_l, rows, n, PERMUTED)
     offs_d = tl.arange(0, D)
     rmask = v_q[:, None]
     q = tl.load(Q + b * sqb + h * sqh + o_q[:, None] * sqn + offs_d[None, :], mask=rmask, other=0.0)
@@ -196,7 +199,7 @@ def _bwd_dq_kernel(
         kb = tl.load(index + e)
         is_full = tl.load(full + e)
         p_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        o_k, v_k = _row_map(p_k, perm_l, rows, n)
+        o_k, v_k = _row_map(p_k, perm_l, rows, n, PERMUTED)
         k = tl.load(k_base + o_k[:, None] * skn + offs_d[None, :], mask=v_k[:, None], other=0.0)
         v = tl.load(v_base + o_k[:, None] * svn + offs_d[None, :], mask=v_k[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
@@ -219,25 +222,25 @@ def _bwd_dq_kernel(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,
-    heads, head_group, params,
+    heads, head_group, group_params,
     indptr, index, full,
     sm_scale, sm_scale_log2, n, H, HS, NKB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    KIND0: tl.constexpr, KIND1: tl.constexpr,
+    KIND0: tl.constexpr, KIND1: tl.constexpr, PERMUTED: tl.constexpr,
 ):  # fmt: skip
     kb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HS
     h = tl.load(heads + bh % HS)
     g = tl.load(head_group + h)
-    prm = params + g * 8
+    prm = group_params + g * 8
     perm_l = tl.load(prm)
     rows = tl.load(prm + 1)
 
     p_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    o_k, v_k = _row_map(p_k, perm_l, rows, n)
+    o_k, v_k = _row_map(p_k, perm_l, rows, n, PERMUTED)
     offs_d = tl.arange(0, D)
     kmask = v_k[:, None]
     k = tl.load(K + b * skb + h * skh + o_k[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
@@ -254,7 +257,7 @@ def _bwd_dkdv_kernel(
         qb = tl.load(index + e)
         is_full = tl.load(full + e)
         p_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        o_q, v_q = _row_map(p_q, perm_l, rows, n)
+        o_q, v_q = _row_map(p_q, perm_l, rows, n, PERMUTED)
         q = tl.load(q_base + o_q[:, None] * sqn + offs_d[None, :], mask=v_q[:, None], other=0.0)
         do = tl.load(do_base + o_q[:, None] * sdon + offs_d[None, :], mask=v_q[:, None], other=0.0)
         lse = tl.load(LSE + row_base + o_q, mask=v_q, other=float("-inf"))
@@ -306,24 +309,42 @@ def _launch_plan(layout: BlockLayout) -> dict:
                 row += [1, 0, 0]
                 kinds.append(_NO_PART)
             params.append(row[:8])
-            sig_of_group.append(tuple(kinds[:2]))
+            sig_of_group.append((*kinds[:2], bool(spec.perm_stride)))
         groups = layout.head_group.tolist()
-        sigs: dict[tuple[int, int], list[int]] = {}
+        sigs: dict[tuple[int, int, bool], list[int]] = {}
         for h, g in enumerate(groups):
             sigs.setdefault(sig_of_group[g], []).append(h)
         dev = layout.device
         layout._cache[key] = {
             "params": torch.tensor(params, dtype=torch.int32, device=dev),
             "sigs": [
-                (k0, k1, torch.tensor(hs, dtype=torch.int32, device=dev))
-                for (k0, k1), hs in sigs.items()
+                (k0, k1, perm, torch.tensor(hs, dtype=torch.int32, device=dev))
+                for (k0, k1, perm), hs in sigs.items()
             ],
         }
     return layout._cache[key]
 
 
-def _num_warps(block_q: int, block_k: int, d: int) -> int:
-    return 8 if block_q * max(block_k, d) >= 128 * 64 and d >= 64 else 4
+_TUNE_KEY = ["D", "BLOCK_Q", "BLOCK_K", "KIND0", "KIND1", "PERMUTED"]
+_TUNE_CONFIGS = [
+    triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))
+]
+
+
+def _tuned(kernel):
+    """Autotuned launcher on a GPU; the plain kernel (Triton's default warps and
+    stages) under TRITON_INTERPRET=1 or with SPARSE_TRANSFORMER_AUTOTUNE=0, which
+    the correctness tests set to keep compile time down."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return kernel
+    if os.environ.get("SPARSE_TRANSFORMER_AUTOTUNE", "1") == "0":
+        return kernel
+    return triton.autotune(configs=_TUNE_CONFIGS, key=_TUNE_KEY)(kernel)
+
+
+_fwd = _tuned(_fwd_kernel)
+_bwd_dq = _tuned(_bwd_dq_kernel)
+_bwd_dkdv = _tuned(_bwd_dkdv_kernel)
 
 
 def supports(q: torch.Tensor, layout: BlockLayout) -> bool:
@@ -354,11 +375,10 @@ def _fwd_impl(q, k, v, layout: BlockLayout, scale: float):
     plan = _launch_plan(layout)
     out = _new_like(q)
     lse = _new_like(q.new_empty(b, h, n, dtype=torch.float32))
-    warps = _num_warps(layout.block_q, layout.block_k, d)
-    for k0, k1, heads in plan["sigs"]:
+    for k0, k1, perm, heads in plan["sigs"]:
         hs = heads.numel()
         grid = (layout.n_qblocks, b * hs)
-        _fwd_kernel[grid](
+        _fwd[grid](
             q, k, v, out, lse,
             heads, layout.head_group, plan["params"],
             layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
@@ -367,8 +387,7 @@ def _fwd_impl(q, k, v, layout: BlockLayout, scale: float):
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1,
-            num_warps=warps, num_stages=2,
+            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1, PERMUTED=perm,
         )  # fmt: skip
     return out, lse
 
@@ -379,10 +398,9 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
     dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, H, n)
     dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
-    warps = _num_warps(layout.block_q, layout.block_k, d)
-    for k0, k1, heads in plan["sigs"]:
+    for k0, k1, perm, heads in plan["sigs"]:
         hs = heads.numel()
-        _bwd_dq_kernel[(layout.n_qblocks, b * hs)](
+        _bwd_dq[(layout.n_qblocks, b * hs)](
             q, k, v, dout, dq, lse, delta,
             heads, layout.head_group, plan["params"],
             layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
@@ -392,10 +410,9 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
             v.stride(0), v.stride(1), v.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1,
-            num_warps=warps, num_stages=2,
+            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1, PERMUTED=perm,
         )  # fmt: skip
-        _bwd_dkdv_kernel[(layout.n_kblocks, b * hs)](
+        _bwd_dkdv[(layout.n_kblocks, b * hs)](
             q, k, v, dout, dk, dv, lse, delta,
             heads, layout.head_group, plan["params"],
             layout.k2q_indptr, layout.k2q_index, layout.k2q_full,
@@ -406,8 +423,7 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
             dout.stride(0), dout.stride(1), dout.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1,
-            num_warps=warps, num_stages=2,
+            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1, PERMUTED=perm,
         )  # fmt: skip
     return dq, dk, dv
 

@@ -8,9 +8,12 @@ Skipped without CUDA.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+os.environ.setdefault("SPARSE_TRANSFORMER_AUTOTUNE", "0")  # compile time; numbers don't change
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
