@@ -74,6 +74,7 @@ def _prepare(args: argparse.Namespace) -> int:
             storage_options=_storage_options(args),
             cache_dir=args.cache_dir,
             download=not args.no_download,
+            overwrite=not args.reuse_existing,
             **options,
         )
     except (DataError, FileNotFoundError, ValueError) as e:
@@ -175,6 +176,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="download cache (default ~/.cache/sparse-transformer)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
     p.add_argument("--no-verify", action="store_true", help="enwik8: skip the md5 check")
+    p.add_argument(
+        "--reuse-existing",
+        action="store_true",
+        help="keep a complete dataset already at --out made from the same source",
+    )
     p.add_argument(
         "--checksum", action="append", metavar="FILE=SHA256", help="imagenet64 download checksums"
     )

@@ -39,6 +39,7 @@ def prepare(
     storage_options: dict[str, Any] | None = None,
     cache_dir: str | None = None,
     download: bool = True,
+    overwrite: bool = True,
     **source_options: Any,
 ) -> Manifest:
     """Prepare ``source`` into shards under ``out`` and return the committed manifest.
@@ -59,12 +60,26 @@ def prepare(
         storage_options: fsspec options for ``out`` (e.g. ``endpoint_url``).
         cache_dir: download cache (default ``~/.cache/sparse-transformer``).
         download: allow downloads when ``path`` is None.
+        overwrite: False returns the dataset already at ``out`` when its manifest is
+            complete and was made from the same source with the same ``seq_len``
+            (a different one raises ValueError); True always rebuilds.
         source_options: per-source options (``validation_size``, ``fractions``,
             ``sample_rate``, ``verify``, ``checksums``).
     """
     t0 = time.monotonic()
     out = storage.normalize_url(out)
     opener = get_source(source)
+    if not overwrite:
+        existing = _existing(out, storage_options)
+        if existing is not None:
+            name = existing.source.get("name")
+            if name != source or (seq_len is not None and existing.seq_len != seq_len):
+                raise ValueError(
+                    f"{out} already holds {name} with seq_len {existing.seq_len}, not {source} "
+                    f"with seq_len {seq_len}; pass overwrite=True to rebuild it"
+                )
+            log.info("%s: reusing the prepared %s dataset", out, name)
+            return existing
     data = opener(path, seq_len=seq_len, cache_dir=cache_dir, download=download, **source_options)
     if seq_len is not None and data.seq_len != seq_len:
         log.warning(
@@ -134,6 +149,16 @@ def prepare(
         ", ".join(f"{k} {v.num_samples} samples" for k, v in manifest.splits.items()),
     )
     return manifest
+
+
+def _existing(out: str, storage_options: dict[str, Any] | None) -> Manifest | None:
+    from sparse_transformer.data.errors import ManifestError
+    from sparse_transformer.data.manifest import load_manifest
+
+    try:
+        return load_manifest(out, storage_options)
+    except ManifestError:
+        return None
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

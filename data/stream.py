@@ -388,11 +388,14 @@ class StreamingDataset(IterableDataset):
 
     def _filesystem(self) -> Any:
         if self._fs is None or self._fs_pid != os.getpid():
+            # Per process (fsspec clients do not survive a fork); _fs_pid is set last so a
+            # concurrent prefetch thread never sees a half-initialised state.
             assert self.manifest.url is not None
-            self._fs, _ = storage.filesystem(self.manifest.url, self.storage_options)
-            self._fs_pid = os.getpid()
+            fs, _ = storage.filesystem(self.manifest.url, self.storage_options)
             if self.cache_dir is not None:
                 self._cache = ShardCache(self.cache_dir, self.cache_limit_bytes)
+            self._fs = fs
+            self._fs_pid = os.getpid()
         return self._fs
 
     def _fetch_bytes(self, shard: ShardInfo, url: str) -> bytes:

@@ -347,3 +347,17 @@ def test_memory_filesystem_and_unknown_source(tmp_path: Path) -> None:
     assert read_split("memory://ds-test/text", "train")[0].tobytes() == b"abcdefghij"
     with pytest.raises(ValueError, match="unknown source 'nope'"):
         prepare("nope", "memory://x")
+
+
+def test_reuse_an_existing_dataset_only_when_it_matches(tmp_path: Path) -> None:
+    (tmp_path / "t.txt").write_bytes(bytes(range(256)) * 40)
+    out = f"file://{tmp_path}/ds"
+    m1 = prepare("text", out, path=str(tmp_path / "t.txt"), seq_len=64, overwrite=False)
+    shard = tmp_path / "ds" / m1.splits["train"].shards[0].path
+    before = shard.stat().st_mtime_ns
+    m2 = prepare("text", out, path=str(tmp_path / "t.txt"), seq_len=64, overwrite=False)
+    assert m2.to_json() == m1.to_json() and shard.stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="already holds text with seq_len 64"):
+        prepare("text", out, path=str(tmp_path / "t.txt"), seq_len=32, overwrite=False)
+    m3 = prepare("text", out, path=str(tmp_path / "t.txt"), seq_len=32)
+    assert m3.seq_len == 32
