@@ -21,7 +21,7 @@ Public API (see docs/data.md for the details):
 
 - ``prepare(source, out, *, path=None, seq_len=None, shard_bytes=64 MiB, compression="zstd",
   splits=("train", "validation", "test"), storage_options=None, cache_dir=None,
-  download=True, **source_options) -> Manifest``
+  download=True, overwrite=True, **source_options) -> Manifest``
 - ``StreamingDataset(manifest_url, *, split="train", global_batch_size, seed=0, epoch=0,
   rank=None, world_size=None, shuffle=True, shuffle_window=4, remainder="drop",
   prefetch=2, num_threads=2, batched=False, dtype=torch.int64, verify=True, cache_dir=None,
