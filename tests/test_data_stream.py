@@ -310,6 +310,8 @@ def test_ray_train_workers_take_rank_and_world_from_the_context(
 ) -> None:
     """Two Ray Train workers, each constructing the dataset without rank arguments."""
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    # Loopback only: by default Ray binds and connects through the machine's LAN address.
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -328,7 +330,7 @@ def test_ray_train_workers_take_rank_and_world_from_the_context(
         with open(f"{config['out']}/rank{ds.rank}.json", "w") as f:
             _json.dump({"world": ds.world_size, "batches": batches}, f)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         trainer = TorchTrainer(
             loop,
