@@ -76,7 +76,8 @@ def prepare(
             if name != source or (seq_len is not None and existing.seq_len != seq_len):
                 raise ValueError(
                     f"{out} already holds {name} with seq_len {existing.seq_len}, not {source} "
-                    f"with seq_len {seq_len}; pass overwrite=True to rebuild it"
+                    f"with seq_len {seq_len}; rebuild it with overwrite=True "
+                    "(without --reuse-existing)"
                 )
             log.info("%s: reusing the prepared %s dataset", out, name)
             return existing

@@ -184,6 +184,21 @@ def test_dataloader_workers_keep_the_global_order_and_the_state(
         assert ds2.epoch == 1  # the loader moved to the next epoch at the end
 
 
+def test_plain_dataloader_with_workers_yields_the_same_order(
+    text_ds: tuple[str, np.ndarray],
+) -> None:
+    """A stock DataLoader also splits the work among its workers in the global order
+    (without the position tracking that ``loader()`` adds)."""
+    from torch.utils.data import DataLoader
+
+    url, _ = text_ds
+    kw = dict(global_batch_size=G, seed=6, rank=0, world_size=3)
+    reference = [ids_of(b) for b in StreamingDataset(url, batched=True, **kw)]
+    ds = StreamingDataset(url, **kw)
+    got = [ids_of(b) for b in DataLoader(ds, batch_size=G // 3, num_workers=2)]
+    assert got == reference
+
+
 def test_output_types(text_ds: tuple[str, np.ndarray]) -> None:
     url, rows = text_ds
     ds = StreamingDataset(url, global_batch_size=4, rank=0, world_size=2, batched=True, dtype=None)
