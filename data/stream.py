@@ -569,7 +569,6 @@ class StreamingDataset(IterableDataset):
         num_workers: int = 0,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
-        persistent_workers: bool = False,
         multiprocessing_context: Any = None,
     ) -> StreamingLoader:
         """A DataLoader over this dataset that yields local batches ``(L, seq_len)`` in the
@@ -579,7 +578,6 @@ class StreamingDataset(IterableDataset):
             num_workers=num_workers,
             pin_memory=pin_memory,
             prefetch_factor=prefetch_factor,
-            persistent_workers=persistent_workers,
             multiprocessing_context=multiprocessing_context,
         )
 
@@ -612,7 +610,6 @@ class StreamingLoader:
         kwargs = {k: v for k, v in dataloader_kwargs.items() if v is not None}
         if kwargs.get("num_workers", 0) == 0:
             kwargs.pop("prefetch_factor", None)
-            kwargs.pop("persistent_workers", None)
             kwargs.pop("multiprocessing_context", None)
         self.dataloader_kwargs = kwargs
 

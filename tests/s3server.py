@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -185,6 +186,13 @@ class SeaweedS3:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
+        self._remove_sockets()
+
+    def _remove_sockets(self) -> None:
+        # weed leaves /tmp/seaweedfs-<service>-<port>.sock behind; only ours are removed.
+        for port in self.ports.values():
+            for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """Stop the server: SIGTERM, then SIGKILL after 2 s."""
@@ -195,6 +203,7 @@ class SeaweedS3:
             self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             self.kill()
+        self._remove_sockets()
 
     def restart(self, timeout_s: float = 60.0) -> None:
         """Kill and start again on the same ports with the same data."""

@@ -131,7 +131,7 @@ def text_files(
     return _bytes_source("text", spool, seq_len or DEFAULT_TEXT_SEQ_LEN, fractions, info)
 
 
-def _enwik8_bytes(path: Path, verify: bool) -> Iterator[bytes]:
+def _enwik8_bytes(path: Path) -> Iterator[bytes]:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as z, z.open(ENWIK8_MEMBER) as m:
@@ -176,7 +176,7 @@ def enwik8(
     spool = Spool(tmp_dir)
     md5 = hashlib.md5()
     try:
-        for block in _enwik8_bytes(local, verify):
+        for block in _enwik8_bytes(local):
             md5.update(block)
             spool.write(block)
         if verify and (spool.size != ENWIK8_SIZE or md5.hexdigest() != ENWIK8_MD5):
