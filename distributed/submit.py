@@ -80,10 +80,10 @@ EXCLUDES: tuple[str, ...] = (
 
 REDACTED = "***"
 
-# Words that make a key credential-like ("max_tokens", "tokenizer", "author" are not).
+# Words that make a key credential-like ("max_tokens", "tokenizer", "RAY_AUTH_MODE" are not).
 _CREDENTIAL_WORDS = (
     r"secret|passw(?:or)?d|passwd|(?<![a-z])token(?!s|iz)|credential|api[_-]?key|"
-    r"access[_-]?key|private[_-]?key|session[_-]?key|auth(?!or)|bearer"
+    r"access[_-]?key|private[_-]?key|session[_-]?key|bearer"
 )
 _CREDENTIAL_KEY = re.compile(_CREDENTIAL_WORDS, re.IGNORECASE)
 # key=value / key: value / "key": "value" inside free text (entrypoints, log lines).
