@@ -1,0 +1,139 @@
+"""Training metrics reach the Ray cluster's Prometheus endpoint.
+
+``scrape`` reads the metrics endpoint of a real loopback Ray head (started as
+in ``test_submit``) with Prometheus' own text parser. The end-to-end check
+with the real trainer lives in ``test_submit_training``; here a Ray job sets
+gauges with the trainer's names through ``ray.util.metrics`` from inside a Ray
+actor (as the trainer's rank 0 does), which pins down the path from
+``ray.util.metrics`` to the endpoint, the ``ray_`` prefix and the tags.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from sparse_transformer.distributed import submit as sub
+from tests.test_submit import RayHead, ray_head
+
+#: The trainer's gauges (distributed/worker.py), as Prometheus shows them.
+TRAINING_METRICS = (
+    "loss_bits",
+    "learning_rate",
+    "loss_scale",
+    "skipped_steps",
+    "grad_norm",
+    "tokens_per_second",
+    "samples_per_second",
+    "data_wait_fraction",
+    "peak_memory_bytes",
+    "step",
+)
+
+
+def prometheus_name(key: str) -> str:
+    return f"ray_sparse_transformer_{key}"
+
+
+def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """``{metric name: [(labels, value), ...]}`` from a Prometheus text endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
+    return out
+
+
+def latest(samples: dict[str, list[tuple[dict[str, str], float]]], key: str, run: str) -> float:
+    values = [v for labels, v in samples.get(prometheus_name(key), []) if labels.get("run") == run]
+    assert values, f"{prometheus_name(key)}{{run={run!r}}} not exported"
+    return values[-1]
+
+
+def check_sane(values: dict[str, float], *, on_gpu: bool = False) -> None:
+    """Plausible values for a byte-level model training (CPU unless ``on_gpu``)."""
+    for k, v in values.items():
+        assert math.isfinite(v), (k, v)
+    assert 0 < values["loss_bits"] < 16  # bits per byte: at most ~8 at init, > 0
+    assert 0 < values["learning_rate"] < 1
+    assert values["loss_scale"] >= 1 if on_gpu else values["loss_scale"] > 0
+    assert values["skipped_steps"] >= 0 and values["skipped_steps"] == int(values["skipped_steps"])
+    assert values["grad_norm"] > 0
+    assert values["tokens_per_second"] > 0 and values["samples_per_second"] > 0
+    assert 0 <= values["data_wait_fraction"] <= 1
+    assert values["peak_memory_bytes"] >= 0
+    assert values["step"] >= 1 and values["step"] == int(values["step"])
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[RayHead]:
+    with ray_head() as h:
+        yield h
+
+
+def test_metrics_endpoint_is_loopback_prometheus(head: RayHead) -> None:
+    samples = scrape(head.metrics_url)
+    assert any(name.startswith("ray_") for name in samples)  # Ray's own metrics
+
+
+GAUGE_JOB = """
+import time, ray
+from ray.util.metrics import Gauge
+
+ray.init()
+
+@ray.remote(num_cpus=0)
+class Rank0:
+    def __init__(self):
+        self.g = {{k: Gauge("sparse_transformer_" + k, tag_keys=("run",)) for k in {keys!r}}}
+    def report(self, step):
+        v = dict(loss_bits=8.0 / step, learning_rate=1e-3, loss_scale=65536.0, skipped_steps=2,
+                 grad_norm=0.5, tokens_per_second=1234.5, samples_per_second=1.2,
+                 data_wait_fraction=0.05, peak_memory_bytes=2.0e8, step=step)
+        for k, g in self.g.items():
+            g.set(v[k], tags={{"run": "{run}"}})
+
+a = Rank0.remote()
+for step in range(1, 121):
+    ray.get(a.report.remote(step))
+    print("step", step, flush=True)
+    time.sleep(0.5)
+"""
+
+
+def test_gauges_set_in_a_job_are_scraped_from_the_endpoint(
+    head: RayHead, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.token_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    run = "gauge-probe"
+    script = GAUGE_JOB.format(keys=TRAINING_METRICS, run=run)
+    job_client, job_id, _, _ = sub.submit_job([sys.executable, "-c", script], address=head.address)
+    try:
+        deadline = time.monotonic() + 90
+        values: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            samples = scrape(head.metrics_url)
+            if all(
+                any(lb.get("run") == run for lb, _ in samples.get(prometheus_name(k), []))
+                for k in TRAINING_METRICS
+            ):
+                values = {k: latest(samples, k, run) for k in TRAINING_METRICS}
+                if values["step"] >= 2:
+                    break
+            time.sleep(1)
+        assert values, "the gauges never reached the metrics endpoint"
+        check_sane(values)
+        assert values["loss_bits"] == pytest.approx(8.0 / values["step"], rel=0.5)
+        assert values["skipped_steps"] == 2 and values["loss_scale"] == 65536
+    finally:
+        job_client.stop_job(job_id)
