@@ -18,6 +18,7 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "sparse_transformer.benchmarks.cli",
     "sparse_transformer.data.cli",
+    "sparse_transformer.distributed.cli",
     "sparse_transformer.distributed.submit",
 )
 

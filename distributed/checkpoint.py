@@ -1,0 +1,145 @@
+"""Checkpoint layout, commit markers, and loading a checkpoint for evaluation or sampling.
+
+One checkpoint is one directory (Ray Train merges what every rank reports)::
+
+    ds/                   DeepSpeed's save_checkpoint (tag "ds"): module, optimizer,
+                          loss scaler, LR scheduler; ZeRO shards per rank for stage >= 1
+    state/rank{r}.pt      step, data-loader position, torch (and CUDA) RNG state of rank r
+    model.pt              consolidated fp32 state dict (rank 0; stages 0-2)
+    config.yaml           the run's config, redacted
+    meta.json             step, world size, ZeRO stage, precision, model config, data URL
+    commit/rank{r}.json   written last by each rank: the checkpoint is complete only when
+                          every rank of meta.json's world size has its marker
+
+Loading uses ``torch.load(..., weights_only=True)`` for our files and DeepSpeed's
+own loader for ``ds/``. A ZeRO-sharded checkpoint without ``model.pt`` is exported
+to a consolidated state dict with DeepSpeed's ``zero_to_fp32``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DS_TAG = "ds"
+STATE_DIR = "state"
+COMMIT_DIR = "commit"
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+
+
+class IncompleteCheckpointError(RuntimeError):
+    """A checkpoint without every rank's commit marker (half-written): never loaded."""
+
+
+def save_rank_state(directory: str | os.PathLike[str], rank: int, state: dict[str, Any]) -> None:
+    path = Path(directory, STATE_DIR)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path / f"rank{rank}.pt")
+
+
+def load_rank_state(directory: str | os.PathLike[str], rank: int) -> dict[str, Any]:
+    """Rank ``rank``'s state, or rank 0's when the world shrank (elastic restart)."""
+    path = Path(directory, STATE_DIR, f"rank{rank}.pt")
+    if not path.exists():
+        path = Path(directory, STATE_DIR, "rank0.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_commit(directory: str | os.PathLike[str], rank: int, step: int, world: int) -> None:
+    path = Path(directory, COMMIT_DIR)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"rank{rank}.json").write_text(json.dumps({"step": step, "world_size": world}))
+
+
+def verify_complete(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """meta.json of a complete checkpoint; raises IncompleteCheckpointError otherwise."""
+    d = Path(directory)
+    meta_path = d / META_FILE
+    if not meta_path.is_file():
+        raise IncompleteCheckpointError(f"checkpoint {d}: no {META_FILE} (incomplete)")
+    meta = json.loads(meta_path.read_text())
+    world, step = int(meta["world_size"]), int(meta["step"])
+    for r in range(world):
+        marker = d / COMMIT_DIR / f"rank{r}.json"
+        if not marker.is_file():
+            raise IncompleteCheckpointError(
+                f"checkpoint {d}: rank {r} of {world} has no commit marker (half-written)"
+            )
+        if int(json.loads(marker.read_text())["step"]) != step:
+            raise IncompleteCheckpointError(f"checkpoint {d}: rank {r} committed another step")
+    return meta
+
+
+@contextmanager
+def local_copy(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[Path]:
+    """A local directory holding the checkpoint at ``url`` (downloaded when remote)."""
+    if "://" not in url or url.startswith("file://"):
+        path = Path(url[len("file://") :] if url.startswith("file://") else url)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint {url}: no such directory")
+        yield path
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"checkpoint {url}: no such directory")
+    tmp = tempfile.mkdtemp(prefix="st-ckpt-")
+    try:
+        fs.get(root.rstrip("/") + "/", tmp, recursive=True)
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def consolidated_state_dict(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a complete checkpoint (ZeRO shards are exported)."""
+    d = Path(directory)
+    verify_complete(d)
+    if (d / MODEL_FILE).is_file():
+        return torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(d), tag=DS_TAG))
+
+
+def load_model(
+    url: str, *, device: str | torch.device = "cpu", storage_options: dict[str, Any] | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model in eval mode with the checkpoint's weights, meta.json) from any saved checkpoint."""
+    from sparse_transformer.model import SparseTransformer, SparseTransformerConfig
+
+    with local_copy(url, storage_options) as d:
+        meta = verify_complete(d)
+        state = consolidated_state_dict(d)
+    cfg = SparseTransformerConfig.from_dict(meta["model"])
+    with torch.device("meta"):
+        model = SparseTransformer(cfg)
+    model.to_empty(device=device)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model, meta
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint directory under a local run folder (or None)."""
+    root = Path(run_dir)
+    best: tuple[int, str] | None = None
+    for meta in root.glob("*/" + META_FILE):
+        try:
+            m = verify_complete(meta.parent)
+        except (IncompleteCheckpointError, ValueError, KeyError):
+            continue
+        if best is None or int(m["step"]) > best[0]:
+            best = (int(m["step"]), str(meta.parent))
+    return best[1] if best else None

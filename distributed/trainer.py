@@ -1,0 +1,252 @@
+"""The driver: check storage, prepare data, start or join Ray, run the TorchTrainer.
+
+:func:`run_training` turns a validated :class:`Config` into Ray Train's
+``ScalingConfig`` / ``RunConfig`` and a ``TorchTrainer`` whose workers run
+:func:`sparse_transformer.distributed.worker.train_loop`. Relaunching with the same
+``run.name`` and ``run.storage_path`` resumes from the run's latest checkpoint
+(Ray Train restores its checkpoint manager from storage).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sparse_transformer.distributed.config import (
+    Config,
+    ConfigError,
+    data_url,
+    dump_yaml,
+    is_remote,
+    local_path,
+    redact_url,
+)
+
+
+class StorageError(RuntimeError):
+    """Run storage that cannot be reached or written (raised before training starts)."""
+
+
+@dataclass
+class TrainSummary:
+    """What the driver learned from a finished run."""
+
+    metrics: dict[str, Any]
+    checkpoint: str | None
+    run_dir: str
+
+
+def ray_environment() -> dict[str, str]:
+    """Environment the workers need (the DeepSpeed op cache in the venv, loopback Ray)."""
+    env = os.environ
+    ext = env.get("TORCH_EXTENSIONS_DIR") or str(Path(sys.prefix) / "torch_extensions")
+    out = {
+        "TORCH_EXTENSIONS_DIR": ext,
+        "DS_BUILD_OPS": env.get("DS_BUILD_OPS", "0"),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0"),
+        "RAY_USAGE_STATS_ENABLED": env.get("RAY_USAGE_STATS_ENABLED", "0"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if "DS_ACCELERATOR" in env:
+        out["DS_ACCELERATOR"] = env["DS_ACCELERATOR"]
+    return out
+
+
+def storage_filesystem(cfg: Config) -> tuple[Any, str]:
+    """(pyarrow filesystem or None, path) for Ray's RunConfig."""
+    sp = cfg.run.storage_path
+    if not is_remote(sp):
+        return None, local_path(sp)
+    if not sp.startswith("s3://"):
+        return None, sp  # gs:// and others: Ray resolves them through pyarrow
+    import pyarrow.fs as pafs
+
+    o = cfg.run.storage_options
+    endpoint = str(o.get("endpoint_url", o.get("endpoint_override", "")))
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs["endpoint_override"] = host or scheme
+        kwargs["scheme"] = scheme if host else "https"
+    for src, dst in (("key", "access_key"), ("secret", "secret_key"), ("region", "region")):
+        if o.get(src):
+            kwargs[dst] = str(o[src])
+    if "access_key" not in kwargs and "anon" not in o:
+        pass  # the default AWS credential chain
+    return pafs.S3FileSystem(**kwargs), sp[len("s3://") :]
+
+
+def check_storage(cfg: Config) -> None:
+    """Write and delete a probe under the run folder; fail with the URL otherwise."""
+    fs, path = storage_filesystem(cfg)
+    shown = redact_url(cfg.run.storage_path)
+    probe = f"{path.rstrip('/')}/{cfg.run.name}/.probe-{uuid.uuid4().hex[:8]}"
+    try:
+        if fs is None and not is_remote(cfg.run.storage_path):
+            Path(probe).parent.mkdir(parents=True, exist_ok=True)
+            Path(probe).write_text("ok")
+            Path(probe).unlink()
+            return
+        if fs is None:
+            import pyarrow.fs as pafs
+
+            fs, probe = pafs.FileSystem.from_uri(f"{cfg.run.storage_path.rstrip('/')}/{probe}")
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except Exception as err:
+        raise StorageError(
+            f"run.storage_path {shown}: not reachable or not writable "
+            f"({type(err).__name__}: {redact_url(str(err))})"
+        ) from err
+
+
+def prepare_data(cfg: Config) -> str:
+    """The dataset URL, prepared (once; reused afterwards) when ``data.prepare`` is set."""
+    url = data_url(cfg)
+    if not cfg.data.prepare:
+        return url
+    from sparse_transformer.data import prepare
+
+    prepare(
+        cfg.data.source,
+        url,
+        path=cfg.data.path or None,
+        seq_len=cfg.seq_len,
+        storage_options=cfg.data.storage_options or None,
+        overwrite=False,
+    )
+    return url
+
+
+def init_ray(cfg: Config) -> bool:
+    """Start (``run.ray_address=local``) or join Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env = ray_environment()
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
+    if cfg.run.ray_address == "local":
+        ray.init(
+            address="local",
+            num_cpus=cfg.run.num_cpus or None,
+            include_dashboard=cfg.run.dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+        )
+    else:
+        ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": env})
+    return True
+
+
+def use_gpu(cfg: Config) -> bool:
+    if cfg.scaling.use_gpu != "auto":
+        return cfg.scaling.use_gpu == "true"
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def run_dir(cfg: Config) -> str:
+    """The run folder (``<storage_path>/<name>``) as a URL or local path."""
+    sp = cfg.run.storage_path
+    return (
+        f"{sp.rstrip('/')}/{cfg.run.name}" if is_remote(sp) else f"{local_path(sp)}/{cfg.run.name}"
+    )
+
+
+def local_state_dir(cfg: Config) -> Path:
+    """The local run folder (metrics.jsonl, TensorBoard events, batch digests, fault marker):
+    the run folder itself for local storage, else ~/.cache/sparse-transformer/runs/NAME."""
+    if not is_remote(cfg.run.storage_path):
+        return Path(local_path(cfg.run.storage_path)) / cfg.run.name
+    return Path.home() / ".cache" / "sparse-transformer" / "runs" / cfg.run.name
+
+
+def build_trainer(cfg: Config, *, extra: dict[str, Any] | None = None) -> Any:
+    """The TorchTrainer for ``cfg`` (Ray must be initialised)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sparse_transformer.distributed.worker import train_loop
+
+    gpu = use_gpu(cfg)
+    s = cfg.scaling
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if gpu:
+        resources["GPU"] = s.gpus_per_worker
+    scaling = ScalingConfig(
+        num_workers=(s.min_workers, s.num_workers) if s.min_workers else s.num_workers,
+        use_gpu=gpu,
+        resources_per_worker=resources,
+    )
+    fs, path = storage_filesystem(cfg)
+    local_state = local_state_dir(cfg)
+    run_config = RunConfig(
+        name=cfg.run.name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+    )
+    loop_config = {
+        "config": cfg.to_dict(),
+        "data_url": prepare_data(cfg),
+        "use_gpu": gpu,
+        "fault_marker": str(local_state / ".fault-injected"),
+        "local_dir": str(local_state),
+        "driver_pid": os.getpid(),
+        "tb_dir": str(local_state / "tensorboard"),
+        **(extra or {}),
+    }
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+    )
+
+
+def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
+    """Train ``cfg`` to the end (or resume it) and return the final metrics and checkpoint."""
+    if verbose:
+        print("[train] config (redacted):\n" + dump_yaml(cfg), flush=True)
+    check_storage(cfg)
+    import ray
+
+    started = init_ray(cfg)
+    try:
+        if verbose and started and cfg.run.dashboard and cfg.run.ray_address == "local":
+            ctx = ray.get_runtime_context()
+            url = getattr(ctx, "dashboard_url", None) or ""
+            print(f"[train] Ray dashboard: http://{url or '127.0.0.1:8265'}", flush=True)
+        trainer = build_trainer(cfg)
+        result = trainer.fit()
+        ckpt = result.checkpoint.path if result.checkpoint is not None else None
+        return TrainSummary(
+            metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir(cfg)
+        )
+    finally:
+        if started:
+            ray.shutdown()
+
+
+__all__ = [
+    "ConfigError",
+    "StorageError",
+    "TrainSummary",
+    "build_trainer",
+    "check_storage",
+    "prepare_data",
+    "run_training",
+]

@@ -1,0 +1,419 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Each worker: builds the model on the meta device and initialises it on its own
+device (same seed on every rank), wraps it with ``deepspeed.initialize`` (config
+from :func:`sparse_transformer.distributed.config.deepspeed_config`), streams its
+share of the data with :class:`sparse_transformer.data.StreamingDataset`, and
+every ``train.checkpoint_every`` steps saves a checkpoint (DeepSpeed's
+``save_checkpoint`` plus the data position, the RNG state and the step of each
+rank, the redacted config, a consolidated state dict and one commit marker per
+rank written last) that it reports with ``ray.train.report``. On start it restores
+the latest checkpoint from ``ray.train.get_checkpoint()``, so a restarted group
+(or a relaunched job) continues exactly where it stopped.
+
+Metrics go to ``ray.train.report`` (every ``train.log_every`` steps), to
+``ray.util.metrics`` gauges (rank 0, tag ``run``) and to TensorBoard events in
+the run folder; rank 0 prints a progress line that Ray forwards to the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparse_transformer.distributed import checkpoint as ckpt_io
+from sparse_transformer.distributed.config import (
+    Config,
+    deepspeed_config,
+    dump_yaml,
+    resolve_precision,
+)
+
+METRIC_NAMES = {
+    "loss_bits": "Training loss, bits per dim/byte (mean over ranks since the last report)",
+    "learning_rate": "Learning rate of the last step",
+    "loss_scale": "Dynamic fp16 loss scale (1 without fp16)",
+    "skipped_steps": "Optimizer steps skipped because of fp16 overflow (total)",
+    "grad_norm": "Global gradient norm before clipping",
+    "tokens_per_second": "Training tokens per second over all workers",
+    "samples_per_second": "Training samples per second over all workers",
+    "data_wait_fraction": "Fraction of step time spent waiting for data (rank 0)",
+    "peak_memory_bytes": "Peak device memory of rank 0 (CUDA allocator, else process RSS)",
+    "step": "Optimizer steps done",
+}
+
+
+class _Exporter:
+    """Rank 0's Prometheus gauges (``ray.util.metrics``) and TensorBoard writer."""
+
+    def __init__(self, run: str, tb_dir: str | None) -> None:
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {
+            k: Gauge(f"sparse_transformer_{k}", description=d, tag_keys=("run",))
+            for k, d in METRIC_NAMES.items()
+        }
+        self.writer = None
+        if tb_dir:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(tb_dir, exist_ok=True)
+            self.writer = SummaryWriter(tb_dir)
+
+    def export(self, step: int, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key in self.gauges and math.isfinite(value):
+                self.gauges[key].set(float(value), tags=self.tags)
+            if self.writer is not None:
+                self.writer.add_scalar(f"train/{key}" if "val" not in key else key, value, step)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _progress(step: int, total: int, m: dict[str, Any]) -> str:
+    width = 24
+    done = int(width * step / max(total, 1))
+    bar = "#" * done + "." * (width - done)
+    return (
+        f"[train] step {step:>6}/{total} [{bar}] loss {m['loss_bits']:.3f} bits/byte  "
+        f"lr {m['learning_rate']:.2e}  scale {m['loss_scale']:g}  skipped {m['skipped_steps']}  "
+        f"{m['tokens_per_second']:,.0f} tok/s  data wait {100 * m['data_wait_fraction']:.0f}%"
+    )
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``; see the module docstring."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    try:
+        _train(loop_config)
+    except Exception as err:
+        # Ray shows this on the driver; name the rank and keep the worker's traceback.
+        raise RuntimeError(
+            f"training worker rank {rank} failed: {type(err).__name__}: {err}\n"
+            f"--- worker traceback (rank {rank}) ---\n{traceback.format_exc()}"
+        ) from err
+
+
+def _build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
+    from sparse_transformer.model import SparseTransformer
+
+    with torch.device("meta"):
+        model = SparseTransformer(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights(cfg.train.seed)  # identical on every rank
+    return model
+
+
+def _train(loop_config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+
+    from sparse_transformer.data import StreamingDataset
+    from sparse_transformer.model import generate, nats_to_bits
+
+    cfg = Config.from_dict(loop_config["config"])
+    t, d = cfg.train, cfg.data
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    on_gpu = torch.cuda.is_available() and loop_config.get("use_gpu", False)
+    if on_gpu:
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    precision = resolve_precision(cfg, on_gpu)
+
+    model = _build_model(cfg, device)
+    ds_config = deepspeed_config(cfg, world, on_gpu=on_gpu)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config
+    )
+    torch.manual_seed(t.seed + 1000 * (rank + 1))  # dropout stream of this rank
+
+    url = loop_config["data_url"]
+    common = dict(
+        rank=rank,
+        world_size=world,
+        storage_options=d.storage_options or None,
+        batched=True,
+        num_threads=d.num_threads,
+        prefetch=d.prefetch,
+    )
+    train_ds = StreamingDataset(
+        url,
+        split="train",
+        global_batch_size=d.global_batch_size,
+        seed=d.seed,
+        shuffle_window=d.shuffle_window,
+        **common,
+    )
+    if train_ds.seq_len != cfg.seq_len:
+        raise ValueError(
+            f"data.seq_len: the dataset at {url} has samples of {train_ds.seq_len} tokens, "
+            f"the config asks for {cfg.seq_len}"
+        )
+
+    # -- restore ----------------------------------------------------------------------------
+    step = 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as cdir:
+            ckpt_io.verify_complete(cdir)
+            load_path, _ = engine.load_checkpoint(
+                cdir, tag=ckpt_io.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed found no checkpoint under {cdir}")
+            state = ckpt_io.load_rank_state(cdir, rank)
+        step = int(state["step"])
+        train_ds.load_state_dict(state["data"])
+        if state.get("world_size") == world and state.get("rank") == rank:
+            torch.set_rng_state(state["rng_cpu"])
+            if on_gpu and state.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(state["rng_cuda"], device)
+        else:  # elastic restart with another world size: a fresh, deterministic stream
+            torch.manual_seed(t.seed + 1000 * (rank + 1) + step)
+        if rank == 0:
+            print(f"[train] resumed from step {step} ({restored.path})", flush=True)
+
+    # -- fault injection (tests) --------------------------------------------------------------
+    marker = loop_config.get("fault_marker")
+
+    def maybe_fault(at: int) -> None:
+        if t.fault_step != at or rank != t.fault_rank or not marker or os.path.exists(marker):
+            return
+        Path(marker).parent.mkdir(parents=True, exist_ok=True)
+        Path(marker).write_text(f"fault injected at step {at} on rank {rank}\n")
+        if t.fault_target == "driver" and loop_config.get("driver_pid"):
+            import signal
+
+            os.kill(int(loop_config["driver_pid"]), signal.SIGKILL)
+            time.sleep(30)  # the whole local Ray instance goes down with the driver
+        os._exit(1)
+
+    local_dir = Path(loop_config["local_dir"])
+    exporter = _Exporter(cfg.run.name, loop_config.get("tb_dir")) if rank == 0 else None
+    history = local_dir / "metrics.jsonl"
+    if rank == 0:
+        local_dir.mkdir(parents=True, exist_ok=True)
+    digests = local_dir / "batches" / f"rank{rank}.jsonl" if t.record_batches else None
+    if digests is not None:
+        digests.parent.mkdir(parents=True, exist_ok=True)
+    val_ds = StreamingDataset(
+        url,
+        split="validation",
+        global_batch_size=d.eval_batch_size or d.global_batch_size,
+        shuffle=False,
+        **common,
+    )
+
+    def batch_targets(batch: torch.Tensor) -> torch.Tensor:
+        pad = torch.full_like(batch[:, :1], -1)
+        return torch.cat([batch[:, 1:], pad], dim=1)  # position t predicts t + 1
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        val_ds.reset()
+        for i, batch in enumerate(val_ds.loader()):
+            if t.eval_batches and i >= t.eval_batches:
+                break
+            batch = batch.to(device)
+            targets = batch_targets(batch)
+            _, loss = engine(batch, targets)
+            n = int((targets >= 0).sum())
+            total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+        engine.train()
+        dist.all_reduce(total)
+        return float(nats_to_bits(total[0] / total[1])) if total[1] > 0 else float("nan")
+
+    def save(step: int, metrics: dict[str, Any]) -> None:
+        tmp = tempfile.mkdtemp(prefix=f"st-ckpt-{step:08d}-r{rank}-")
+        try:
+            engine.save_checkpoint(tmp, tag=ckpt_io.DS_TAG, client_state={"step": step})
+            rng_cuda = torch.cuda.get_rng_state(device) if on_gpu else None
+            ckpt_io.save_rank_state(
+                tmp,
+                rank,
+                {
+                    "step": step,
+                    "rank": rank,
+                    "world_size": world,
+                    "data": train_ds.state_dict(),
+                    "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": rng_cuda,
+                },
+            )
+            if rank == 0:
+                Path(tmp, ckpt_io.CONFIG_FILE).write_text(dump_yaml(cfg))
+                if t.zero_stage < 3:
+                    sd = {
+                        k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()
+                    }
+                    torch.save(sd, Path(tmp, ckpt_io.MODEL_FILE))
+                meta = {
+                    "step": step,
+                    "world_size": world,
+                    "zero_stage": t.zero_stage,
+                    "precision": precision,
+                    "model": cfg.model.to_dict(),
+                    "data_url": url,
+                }
+                Path(tmp, ckpt_io.META_FILE).write_text(json.dumps(meta, indent=1))
+            ckpt_io.write_commit(tmp, rank, step, world)  # last: the commit marker
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- the loop -----------------------------------------------------------------------------
+    micro = cfg.micro_batch_size(world)
+    loader_iter = iter(train_ds.loader())
+
+    def next_batch() -> torch.Tensor:
+        nonlocal loader_iter
+        try:
+            return next(loader_iter)
+        except StopIteration:  # epoch over: the dataset has moved on to the next one
+            loader_iter = iter(train_ds.loader())
+            return next(loader_iter)
+
+    win_loss = torch.zeros(2, dtype=torch.float64)
+    win_time = win_wait = 0.0
+    win_steps = 0
+    grad_norm = float("nan")
+    last_val: float | None = None
+    engine.train()
+    while step < t.steps:
+        maybe_fault(step)
+        t0 = time.perf_counter()
+        batch = next_batch()
+        wait = time.perf_counter() - t0
+        if digests is not None:
+            import hashlib
+
+            digest = hashlib.sha256(batch.numpy().tobytes()).hexdigest()[:16]
+            with open(digests, "a") as f:
+                f.write(json.dumps({"step": step, "rank": rank, "batch": digest}) + "\n")
+        batch = batch.to(device, non_blocking=True)
+        targets = batch_targets(batch)
+        will_log = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+        for i in range(t.grad_accum):
+            x, y = batch[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
+            _, loss = engine(x, y)
+            engine.backward(loss)
+            if i + 1 == t.grad_accum and will_log:
+                grad_norm = _grad_norm(engine)
+            engine.step()
+            win_loss += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
+        step += 1
+        win_time += time.perf_counter() - t0
+        win_wait += wait
+        win_steps += 1
+
+        metrics: dict[str, Any] | None = None
+        if will_log:
+            dist.all_reduce(win_loss)
+            tokens = win_steps * d.global_batch_size * cfg.seq_len
+            metrics = {
+                "step": step,
+                "loss_bits": float(nats_to_bits(win_loss[0] / win_loss[1])),
+                "learning_rate": float(scheduler.get_last_lr()[0]) if scheduler else t.lr,
+                "loss_scale": _loss_scale(engine, precision),
+                "skipped_steps": int(engine.skipped_steps),
+                "grad_norm": grad_norm,
+                "tokens_per_second": tokens / max(win_time, 1e-9),
+                "samples_per_second": win_steps * d.global_batch_size / max(win_time, 1e-9),
+                "data_wait_fraction": win_wait / max(win_time, 1e-9),
+                "peak_memory_bytes": _peak_memory(device),
+            }
+            win_loss.zero_()
+            win_time = win_wait = 0.0
+            win_steps = 0
+        do_eval = step == t.steps or (t.eval_every and step % t.eval_every == 0)
+        do_ckpt = step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0)
+        if do_eval:
+            last_val = evaluate()
+            metrics = metrics or {"step": step}
+            metrics["val_loss_bits"] = last_val
+        if metrics is not None and exporter is not None:
+            exporter.export(step, metrics)
+            with open(history, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if "loss_bits" in metrics:
+                print(_progress(step, t.steps, metrics), flush=True)
+            if "val_loss_bits" in metrics:
+                print(f"[train] step {step}: validation {last_val:.4f} bits/byte", flush=True)
+        if step == t.steps and rank == 0 and t.sample_length > 0:
+            metrics = metrics or {"step": step}
+            metrics["sample"] = _sample(engine.module, cfg, device, generate)
+        if do_ckpt:
+            save(step, metrics or {"step": step})
+        elif metrics is not None:
+            ray.train.report(metrics)
+    if exporter is not None:
+        exporter.close()
+    del loader_iter
+
+
+def _grad_norm(engine: Any) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is not None:
+        return float(norm)
+    grads = [
+        p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None
+    ]
+    if not grads:
+        return float("nan")
+    return float(torch.linalg.vector_norm(torch.stack(grads)))
+
+
+def _loss_scale(engine: Any, precision: str) -> float:
+    if precision != "fp16":
+        return 1.0
+    opt = engine.optimizer
+    for attr in ("cur_scale", "loss_scale"):
+        value = getattr(opt, attr, None)
+        if isinstance(value, (int, float)) or torch.is_tensor(value):
+            return float(value)
+    scaler = getattr(opt, "loss_scaler", None)
+    return float(getattr(scaler, "cur_scale", float("nan")))
+
+
+def _sample(module: torch.nn.Module, cfg: Config, device: torch.device, generate: Any) -> str:
+    prompt = cfg.train.sample_prompt.encode("utf-8") or b"\n"
+    length = min(cfg.train.sample_length, cfg.model.n_ctx - len(prompt))
+    idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    out = generate(module, idx, length, temperature=1.0, top_p=0.9, generator=gen)
+    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
