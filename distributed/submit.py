@@ -305,7 +305,13 @@ def build_runtime_env(
     env: dict[str, Any] = {
         "working_dir": working_dir,
         "excludes": list(excludes),
-        "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"},
+        "env_vars": {
+            "PYTHONUNBUFFERED": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # The trainer's ray.init(runtime_env=...) sets env_vars of its own: merge
+            # them with the job's (the driver's win on a shared key) instead of failing.
+            "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
+        },
     }
     if config_path is not None:
         import yaml
@@ -425,6 +431,10 @@ def _submit(args: argparse.Namespace) -> int:
             cmd += ["--config", config_path.name]
     elif config_arg:
         cmd += ["--config", config_arg]
+    if not any(o.startswith("run.ray_address=") for o in overrides):
+        # A job's driver joins the cluster it runs on (configs may say `local`,
+        # which would start a private Ray inside the job).
+        cmd.append("run.ray_address=auto")
     cmd += overrides
     job_client, job_id, entrypoint, runtime_env = submit_job(
         cmd,
