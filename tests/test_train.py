@@ -1,0 +1,238 @@
+"""A real 2-worker Ray Train + DeepSpeed run on the CPU: the loss falls, checkpoints are
+complete and redacted, a relaunch resumes from the last one, eval/sample read it back,
+and a worker exception reaches the driver with its rank.
+
+The helpers here (a small model config, a prepared text dataset, a local Ray instance on
+127.0.0.1) are shared with tests/test_recovery.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from sparse_transformer.cli import main
+from sparse_transformer.distributed.config import Config, load_config
+
+# A 2-layer, 32-wide model with n = 64 = 8 x 8, dropout on (so the RNG state matters)
+# and block recomputation (the model's activation checkpointing) on.
+SMALL_MODEL = {
+    "n_layers": 2,
+    "d_model": 32,
+    "n_heads": 2,
+    "ff_mult": 4,
+    "qk_mult": 1,
+    "vocab_size": 256,
+    "n_ctx": 64,
+    "pattern": "fixed",
+    "stride": 8,
+    "summary": 4,
+    "head_mode": "merged",
+    "distinct_summary": True,
+    "block_q": 8,
+    "block_k": 8,
+    "embed_shape": [8, 8],
+    "dropout": 0.1,
+    "recompute": "block",
+    "attention_backend": "auto",
+}
+
+_VOCAB = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at "
+    "which but have an they you were her she there been one all we their has would when if "
+    "sparse transformer attention factorized stride block memory sequence model data"
+)
+WORDS = _VOCAB.split(" ")
+
+
+def make_text(path: Path, n_bytes: int = 120_000, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    out: list[str] = []
+    size = 0
+    while size < n_bytes:
+        sentence = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+        sentence = sentence.capitalize() + ". "
+        out.append(sentence)
+        size += len(sentence)
+    path.write_text("".join(out))
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from sparse_transformer.data import prepare
+
+    d = tmp_path_factory.mktemp("train-data")
+    make_text(d / "corpus.txt")
+    url = f"file://{d}/ds"
+    prepare("text", url, path=str(d / "corpus.txt"), seq_len=64, shard_bytes=64 * 256)
+    return url
+
+
+def small_config_doc(storage: Path, data_url: str, name: str, **train: object) -> dict:
+    return {
+        "model": dict(SMALL_MODEL),
+        "data": {
+            "url": data_url,
+            "prepare": False,
+            "global_batch_size": 4,
+            "eval_batch_size": 4,
+            "num_threads": 1,
+        },
+        "train": {
+            "steps": 24,
+            "lr": 3e-3,
+            "warmup_steps": 4,
+            "min_lr_ratio": 0.1,
+            "log_every": 4,
+            "eval_every": 12,
+            "eval_batches": 2,
+            "checkpoint_every": 8,
+            "sample_length": 16,
+            "deterministic": True,
+            "torch_threads": 1,
+            "record_batches": True,
+            **train,
+        },
+        "scaling": {"num_workers": 2, "use_gpu": False},
+        "run": {
+            "name": name,
+            "storage_path": str(storage),
+            "max_failures": 1,
+            "num_to_keep": 2,
+            "dashboard": False,
+            "num_cpus": 2,
+        },
+    }
+
+
+def small_config(storage: Path, data_url: str, name: str, **train: object) -> Config:
+    return Config.from_dict(small_config_doc(storage, data_url, name, **train))
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray instance on loopback for the module's in-process runs."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    from sparse_transformer.distributed.trainer import ray_environment
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": ray_environment()},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    from sparse_transformer.distributed.checkpoint import consolidated_state_dict
+
+    return consolidated_state_dict(checkpoint)
+
+
+def consumed(run_dir: Path) -> tuple[dict[tuple[int, int], str], int]:
+    """({(step, rank): digest of the batch that counted}, number of batches read)."""
+    last: dict[tuple[int, int], str] = {}
+    n = 0
+    for f in sorted((run_dir / "batches").glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            e = json.loads(line)
+            last[(e["step"], e["rank"])] = e["batch"]  # a re-run step replaces the lost one
+            n += 1
+    return last, n
+
+
+@pytest.mark.slow
+def test_two_workers_train_resume_eval_sample(
+    small_dataset: str, tmp_path: Path, local_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sparse_transformer.distributed.checkpoint import verify_complete
+    from sparse_transformer.distributed.trainer import run_training
+
+    cfg = small_config(tmp_path, small_dataset, "run", steps=16)
+    cfg.run.storage_options = {"endpoint_url": "http://127.0.0.1:1", "secret": "hunter2-xyz"}
+    summary = run_training(cfg, verbose=False)
+    run_dir = tmp_path / "run"
+    h = history(run_dir)
+    losses = [m["loss_bits"] for m in h if "loss_bits" in m]
+    assert [m["step"] for m in h if "loss_bits" in m] == [4, 8, 12, 16]
+    assert losses[-1] < losses[0] - 0.5, losses  # it learns (8 bits at the start)
+    last = h[-1]
+    assert last["skipped_steps"] == 0 and last["loss_scale"] == 1.0
+    assert last["grad_norm"] > 0 and last["tokens_per_second"] > 0
+    assert last["samples_per_second"] > 0 and 0 <= last["data_wait_fraction"] < 1
+    assert last["peak_memory_bytes"] > 0 and last["learning_rate"] > 0
+    assert 0 < summary.metrics["val_loss_bits"] < 8
+    assert isinstance(summary.metrics["sample"], str) and summary.metrics["sample"]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    # the checkpoint: complete, two ranks committed, the config redacted everywhere
+    ckpt = Path(summary.checkpoint)
+    meta = verify_complete(ckpt)
+    assert meta["step"] == 16 and meta["world_size"] == 2
+    assert sorted(p.name for p in (ckpt / "state").iterdir()) == ["rank0.pt", "rank1.pt"]
+    saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+    assert saved["run"]["storage_options"]["secret"] == "***"
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            assert b"hunter2-xyz" not in f.read_bytes(), f
+
+    # relaunch with the same name and storage and more steps: it resumes at step 16
+    cfg2 = small_config(tmp_path, small_dataset, "run", steps=24)
+    summary2 = run_training(cfg2, verbose=False)
+    h2 = history(run_dir)[len(h) :]
+    assert [m["step"] for m in h2 if "loss_bits" in m] == [20, 24]
+    assert verify_complete(summary2.checkpoint)["step"] == 24
+    batches, n_read = consumed(run_dir)
+    assert sorted(batches) == [(s, r) for s in range(24) for r in (0, 1)]
+    assert n_read == 48  # no batch was read twice or skipped across the relaunch
+
+    # eval and sample work from the saved checkpoint
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", summary2.checkpoint, "--batches", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 24 and 0 < result["loss_bits"] < 8
+    assert main(["sample", "--checkpoint", summary2.checkpoint, "--length", "20"]) == 0
+    assert capsys.readouterr().out.startswith("The ")
+
+
+@pytest.mark.slow
+def test_worker_exception_reaches_the_driver_with_rank(
+    small_dataset: str, tmp_path: Path, local_ray: None
+) -> None:
+    from sparse_transformer.distributed.trainer import run_training
+
+    # a dataset of another sequence length: the workers fail on their first check
+    cfg = small_config(tmp_path, small_dataset, "bad", steps=4)
+    doc = cfg.to_dict()
+    doc["data"]["seq_len"] = 32
+    doc["run"]["max_failures"] = 0
+    with pytest.raises(Exception) as err:
+        run_training(Config.from_dict(doc), verbose=False)
+    text = str(err.value)
+    assert "training worker rank" in text and "data.seq_len" in text
+    assert "Traceback" in text or "worker traceback" in text
+
+
+def test_train_help_and_defaults() -> None:
+    cfg = load_config("tiny")
+    assert cfg.train.steps > 0 and cfg.train.checkpoint_every > 0
