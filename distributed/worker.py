@@ -243,6 +243,13 @@ def _train(loop_config: dict[str, Any]) -> None:
 
     @torch.no_grad()
     def evaluate() -> float:
+        rng = torch.get_rng_state()  # evaluation must not move the training RNG
+        try:
+            return _evaluate()
+        finally:
+            torch.set_rng_state(rng)
+
+    def _evaluate() -> float:
         engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
         val_ds.reset()
@@ -302,11 +309,17 @@ def _train(loop_config: dict[str, Any]) -> None:
 
     def next_batch() -> torch.Tensor:
         nonlocal loader_iter
+        # A DataLoader draws its base seed from the global RNG when an iterator starts;
+        # keep the dropout stream independent of when loaders (re)start, so a resumed
+        # run consumes exactly the random numbers the uninterrupted one does.
+        rng = torch.get_rng_state()
         try:
             return next(loader_iter)
         except StopIteration:  # epoch over: the dataset has moved on to the next one
             loader_iter = iter(train_ds.loader())
             return next(loader_iter)
+        finally:
+            torch.set_rng_state(rng)
 
     win_loss = torch.zeros(2, dtype=torch.float64)
     win_time = win_wait = 0.0
