@@ -14,6 +14,7 @@ import io
 import ipaddress
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -63,7 +64,7 @@ class RayHead:
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
         self.num_cpus = num_cpus
-        ports = free_ports(10)
+        ports = free_ports(9)
         (
             self.gcs_port,
             self.dashboard_port,
@@ -74,7 +75,6 @@ class RayHead:
             object_manager,
             runtime_env_agent,
             client_server,
-            worker_lo,
         ) = ports
         self._ports = dict(
             agent_listen=agent_listen,
@@ -84,7 +84,10 @@ class RayHead:
             runtime_env_agent=runtime_env_agent,
             client_server=client_server,
         )
-        self.worker_ports = (worker_lo, worker_lo + 200)
+        # Worker ports below Linux's ephemeral range (outgoing connections cannot take them)
+        # and away from Ray's default 10002-19999 used by other tests' clusters.
+        lo = random.randrange(20000, 31000)
+        self.worker_ports = (lo, lo + 200)
         self.env = dict(os.environ)
         for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
             self.env.pop(k, None)
@@ -111,8 +114,6 @@ class RayHead:
 
     def start(self) -> None:
         lo, hi = self.worker_ports
-        if hi > 65535:
-            lo, hi = 20000, 20200
         cmd = [
             RAY,
             "start",
@@ -289,6 +290,19 @@ def test_client_reads_the_token_from_rays_places(
     monkeypatch.setenv("HOME", str(home))
     assert sub.auth_token() == head.token
     assert sub.client(head.address).list_jobs() is not None
+
+
+def test_address_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    assert sub.resolve_address(None) == "http://127.0.0.1:8265"  # loopback by default
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a GCS address is not the job server
+    assert sub.resolve_address(None) == "http://127.0.0.1:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.5:8265/")
+    assert sub.resolve_address(None) == "http://10.0.0.5:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "https://ray.example.com")
+    assert sub.resolve_address(None) == "https://ray.example.com"
+    assert sub.resolve_address("http://127.0.0.1:9000") == "http://127.0.0.1:9000"
 
 
 def test_credential_overrides_are_refused(client_env: RayHead) -> None:

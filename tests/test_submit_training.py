@@ -77,7 +77,7 @@ def _run(head: RayHead, tmp_path: Path) -> None:
                 samples = {}
             for k in TRAINING_METRICS:
                 for labels, value in samples.get(prometheus_name(k), []):
-                    if labels.get("run") == run_name or "run" not in labels:
+                    if labels.get("run") == run_name:
                         seen[k].append(value)
             time.sleep(1)
         if proc.poll() is None:
