@@ -196,10 +196,13 @@ def auth_token() -> str | None:
     if AuthenticationTokenLoader is not None:
         loader = AuthenticationTokenLoader.instance()
         loader.reset_cache()
-        if loader.has_token(ignore_auth_mode=True):
+        try:
+            if not loader.has_token(ignore_auth_mode=True):
+                return None
             token = loader.get_raw_token(ignore_auth_mode=True)
-            return token.strip() or None
-        return None
+        except Exception as err:  # e.g. RAY_AUTH_TOKEN_PATH names a missing file
+            raise SystemExit(f"Ray authentication token: {err}") from None
+        return token.strip() or None
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")

@@ -282,6 +282,10 @@ def test_client_reads_the_token_from_rays_places(
     with pytest.raises(Exception, match="403|Forbidden|[Ii]nvalid"):
         sub.client(head.address).list_jobs()
     monkeypatch.delenv("RAY_AUTH_TOKEN")
+    # a token file that is not there is a clear error, not a traceback
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(head.temp_dir / "missing"))
+    code, out, err = run_cli("jobs", "list", "--address", head.address)
+    assert code != 0 and "RAY_AUTH_TOKEN_PATH" in err and not out
     # ~/.ray/auth_token when nothing else is set.
     home = head.temp_dir / "home"
     (home / ".ray").mkdir(parents=True)
