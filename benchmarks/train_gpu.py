@@ -11,7 +11,8 @@ benchmark prepares the ``text`` source from this repository's own files (bytes, 
 at each configuration's sequence length, which is enough to watch the loss fall and the
 loss scale settle (not to compare bits/byte with the paper).
 
-    python -m sparse_transformer.benchmarks.train_gpu --steps 300 --batch-enwik8 4 --batch-cifar10 16
+    python -m sparse_transformer.benchmarks.train_gpu --steps 300 \
+        --batch-enwik8 4 --batch-cifar10 16
 
 Not run yet in this repository (no GPU time was left when it was written).
 """
