@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from sparse_transformer.distributed import submit as sub
-from tests.test_submit import RayHead, ray_head
+from tests.test_submit import RayHead, ray_head, reset_ray_token_cache
 
 #: The trainer's gauges (distributed/worker.py), as Prometheus shows them.
 TRAINING_METRICS = (
@@ -137,3 +137,4 @@ def test_gauges_set_in_a_job_are_scraped_from_the_endpoint(
         assert values["skipped_steps"] == 2 and values["loss_scale"] == 65536
     finally:
         job_client.stop_job(job_id)
+        reset_ray_token_cache()  # later ray.init() calls in this process must not reuse it

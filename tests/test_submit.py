@@ -195,6 +195,20 @@ def ray_head(**kw: object) -> Iterator[RayHead]:
         head.stop()
 
 
+def reset_ray_token_cache() -> None:
+    """Forget the token Ray's process-wide loader cached from this test's environment."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_token_cache() -> Iterator[None]:
+    # Later tests in this process (ray.init) must not see a token of a stopped test cluster.
+    yield
+    reset_ray_token_cache()
+
+
 @pytest.fixture(scope="module")
 def head() -> Iterator[RayHead]:
     with ray_head() as h:
