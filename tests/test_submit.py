@@ -323,6 +323,11 @@ def test_address_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sub.resolve_address("http://127.0.0.1:9000") == "http://127.0.0.1:9000"
 
 
+def test_an_oversized_upload_is_refused_before_contacting_the_cluster() -> None:
+    with pytest.raises(SystemExit, match="max-upload-mib"):
+        sub.submit_job(["true"], address="http://127.0.0.1:9", max_upload_mib=0.01)
+
+
 def test_credential_overrides_are_refused(client_env: RayHead) -> None:
     code, out, err = run_cli(
         "submit", "--address", client_env.address, "data.storage_options.secret=hunter2hunter2"
