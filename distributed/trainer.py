@@ -75,8 +75,9 @@ def storage_filesystem(cfg: Config) -> tuple[Any, str]:
     for src, dst in (("key", "access_key"), ("secret", "secret_key"), ("region", "region")):
         if o.get(src):
             kwargs[dst] = str(o[src])
-    if "access_key" not in kwargs and "anon" not in o:
-        pass  # the default AWS credential chain
+    # Fail fast on an unreachable endpoint (the driver probes it before training).
+    kwargs["connect_timeout"] = 5.0
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=3)
     return pafs.S3FileSystem(**kwargs), sp[len("s3://") :]
 
 
