@@ -123,6 +123,8 @@ class TrainSection:
     """... on this rank, only in the first attempt of the run (a marker file remembers)."""
     fault_target: str = "worker"
     """worker: the worker process exits; driver: it SIGKILLs the driver (whole-job restart)."""
+    fault_nan_step: int = -1
+    """Fault injection: the loss of this step becomes NaN on every rank (-1: never)."""
     record_batches: bool = False
     """Append a digest of every batch each rank consumes to <run>/batches/rank{r}.jsonl."""
     deterministic: bool = False

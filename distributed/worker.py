@@ -43,7 +43,7 @@ METRIC_NAMES = {
     "loss_bits": "Training loss, bits per dim/byte (mean over ranks since the last report)",
     "learning_rate": "Learning rate of the last step",
     "loss_scale": "Dynamic fp16 loss scale (1 without fp16)",
-    "skipped_steps": "Optimizer steps skipped because of fp16 overflow (total)",
+    "skipped_steps": "Optimizer steps skipped: fp16 overflow or non-finite gradients (total)",
     "grad_norm": "Global gradient norm before clipping",
     "tokens_per_second": "Training tokens per second over all workers",
     "samples_per_second": "Training samples per second over all workers",
@@ -185,6 +185,7 @@ def _train(loop_config: dict[str, Any]) -> None:
 
     # -- restore ----------------------------------------------------------------------------
     step = 0
+    skipped_nonfinite = 0  # fp32 steps dropped for non-finite gradients (saved in checkpoints)
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as cdir:
@@ -196,6 +197,7 @@ def _train(loop_config: dict[str, Any]) -> None:
                 raise RuntimeError(f"DeepSpeed found no checkpoint under {cdir}")
             state = ckpt_io.load_rank_state(cdir, rank)
         step = int(state["step"])
+        skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         train_ds.load_state_dict(state["data"])
         if state.get("world_size") == world and state.get("rank") == rank:
             torch.set_rng_state(state["rng_cpu"])
@@ -280,6 +282,7 @@ def _train(loop_config: dict[str, Any]) -> None:
                     "data": train_ds.state_dict(),
                     "rng_cpu": torch.get_rng_state(),
                     "rng_cuda": rng_cuda,
+                    "skipped_nonfinite": skipped_nonfinite,
                 },
             )
             if rank == 0:
@@ -322,6 +325,8 @@ def _train(loop_config: dict[str, Any]) -> None:
             torch.set_rng_state(rng)
 
     win_loss = torch.zeros(2, dtype=torch.float64)
+    # DeepSpeed skips and counts fp16 overflows; fp32 with ZeRO 0 gets the same guard here.
+    guard = precision == "fp32" and t.zero_stage == 0
     win_time = win_wait = 0.0
     win_steps = 0
     grad_norm = float("nan")
@@ -341,14 +346,28 @@ def _train(loop_config: dict[str, Any]) -> None:
         batch = batch.to(device, non_blocking=True)
         targets = batch_targets(batch)
         will_log = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+        skip = False
+        step_loss = torch.zeros(2, dtype=torch.float64)
         for i in range(t.grad_accum):
             x, y = batch[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
             _, loss = engine(x, y)
+            if step == t.fault_nan_step:
+                loss = loss * float("nan")  # fault injection: a non-finite step
             engine.backward(loss)
-            if i + 1 == t.grad_accum and will_log:
-                grad_norm = _grad_norm(engine)
-            engine.step()
-            win_loss += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
+            if i + 1 == t.grad_accum and (guard or will_log):
+                grad_norm = _grad_norm(engine)  # the all-reduced gradients: same on every rank
+                skip = guard and not math.isfinite(grad_norm)
+            if skip:
+                _skipped_step(engine)
+            else:
+                engine.step()
+            step_loss += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
+        if skip:
+            skipped_nonfinite += 1
+            if rank == 0:
+                print(f"[train] step {step + 1}: non-finite gradients, step skipped", flush=True)
+        else:
+            win_loss += step_loss
         step += 1
         win_time += time.perf_counter() - t0
         win_wait += wait
@@ -363,7 +382,7 @@ def _train(loop_config: dict[str, Any]) -> None:
                 "loss_bits": float(nats_to_bits(win_loss[0] / win_loss[1])),
                 "learning_rate": float(scheduler.get_last_lr()[0]) if scheduler else t.lr,
                 "loss_scale": _loss_scale(engine, precision),
-                "skipped_steps": int(engine.skipped_steps),
+                "skipped_steps": int(engine.skipped_steps) + skipped_nonfinite,
                 "grad_norm": grad_norm,
                 "tokens_per_second": tokens / max(win_time, 1e-9),
                 "samples_per_second": win_steps * d.global_batch_size / max(win_time, 1e-9),
@@ -397,6 +416,29 @@ def _train(loop_config: dict[str, Any]) -> None:
     if exporter is not None:
         exporter.close()
     del loader_iter
+
+
+def _skipped_step(engine: Any) -> None:
+    """``engine.step()`` without the optimizer update (non-finite fp32 gradients).
+
+    fp16 overflow is DeepSpeed's to skip; in fp32 nothing would stop a NaN/inf update.
+    DeepSpeed's bookkeeping (micro-step counters, LR schedule, zeroing the gradients)
+    runs as usual; the optimizer's ``step`` is a no-op for this call, so no parameter,
+    moment or weight-decay update happens.
+    """
+    opt = engine.optimizer
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.zero_()  # finite, so DeepSpeed's gradient clipping stays well-defined
+    saved = vars(opt).get("step")
+    opt.step = lambda *args, **kwargs: None
+    try:
+        engine.step()
+    finally:
+        if saved is None:
+            del opt.step
+        else:
+            opt.step = saved
 
 
 def _grad_norm(engine: Any) -> float:

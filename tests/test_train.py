@@ -9,6 +9,7 @@ The helpers here (a small model config, a prepared text dataset, a local Ray ins
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ import torch
 import yaml
 
 from sparse_transformer.cli import main
-from sparse_transformer.distributed.config import Config, load_config
+from sparse_transformer.distributed.config import Config
 
 # A 2-layer, 32-wide model with n = 64 = 8 x 8, dropout on (so the RNG state matters)
 # and block recomputation (the model's activation checkpointing) on.
@@ -168,7 +169,7 @@ def test_two_workers_train_resume_eval_sample(
     from sparse_transformer.distributed.checkpoint import verify_complete
     from sparse_transformer.distributed.trainer import run_training
 
-    cfg = small_config(tmp_path, small_dataset, "run", steps=16)
+    cfg = small_config(tmp_path, small_dataset, "run", steps=16, fault_nan_step=5)
     cfg.run.storage_options = {"endpoint_url": "http://127.0.0.1:1", "secret": "hunter2-xyz"}
     summary = run_training(cfg, verbose=False)
     run_dir = tmp_path / "run"
@@ -177,7 +178,18 @@ def test_two_workers_train_resume_eval_sample(
     assert [m["step"] for m in h if "loss_bits" in m] == [4, 8, 12, 16]
     assert losses[-1] < losses[0] - 0.5, losses  # it learns (8 bits at the start)
     last = h[-1]
-    assert last["skipped_steps"] == 0 and last["loss_scale"] == 1.0
+    # the NaN step was skipped and counted, never applied
+    assert [m["skipped_steps"] for m in h if "loss_bits" in m] == [0, 1, 1, 1]
+    assert all(math.isfinite(m["loss_bits"]) for m in h if "loss_bits" in m)
+    assert all(torch.isfinite(w).all() for w in final_weights(summary.checkpoint).values())
+    ds_state = torch.load(
+        Path(summary.checkpoint, "ds", "mp_rank_00_model_states.pt"),
+        map_location="cpu",
+        weights_only=True,
+    )
+    adam_steps = {float(s["step"]) for s in ds_state["optimizer"]["state"].values()}
+    assert adam_steps == {15.0}  # 16 steps, one without an optimizer update
+    assert last["loss_scale"] == 1.0
     assert last["grad_norm"] > 0 and last["tokens_per_second"] > 0
     assert last["samples_per_second"] > 0 and 0 <= last["data_wait_fraction"] < 1
     assert last["peak_memory_bytes"] > 0 and last["learning_rate"] > 0
@@ -201,6 +213,7 @@ def test_two_workers_train_resume_eval_sample(
     summary2 = run_training(cfg2, verbose=False)
     h2 = history(run_dir)[len(h) :]
     assert [m["step"] for m in h2 if "loss_bits" in m] == [20, 24]
+    assert [m["skipped_steps"] for m in h2 if "loss_bits" in m] == [1, 1]  # restored count
     assert verify_complete(summary2.checkpoint)["step"] == 24
     batches, n_read = consumed(run_dir)
     assert sorted(batches) == [(s, r) for s in range(24) for r in (0, 1)]
@@ -231,8 +244,3 @@ def test_worker_exception_reaches_the_driver_with_rank(
     text = str(err.value)
     assert "training worker rank" in text and "data.seq_len" in text
     assert "Traceback" in text or "worker traceback" in text
-
-
-def test_train_help_and_defaults() -> None:
-    cfg = load_config("tiny")
-    assert cfg.train.steps > 0 and cfg.train.checkpoint_every > 0
