@@ -244,3 +244,34 @@ def test_worker_exception_reaches_the_driver_with_rank(
     text = str(err.value)
     assert "training worker rank" in text and "data.seq_len" in text
     assert "Traceback" in text or "worker traceback" in text
+
+
+@pytest.mark.slow
+def test_zero2_sharded_checkpoint_exports_a_consolidated_state_dict(
+    small_dataset: str, tmp_path: Path, local_ray: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ZeRO stage 2 on 2 CPU workers: each rank saves its optimizer shard; DeepSpeed's
+    zero_to_fp32 export of the shards equals the consolidated weights, and eval reads a
+    checkpoint that has only the shards."""
+    import shutil
+
+    from sparse_transformer.distributed.checkpoint import MODEL_FILE, consolidated_state_dict
+    from sparse_transformer.distributed.trainer import run_training
+
+    cfg = small_config(tmp_path, small_dataset, "zero2", steps=6, zero_stage=2)
+    cfg.train.record_batches = False
+    summary = run_training(cfg, verbose=False)
+    ckpt = Path(summary.checkpoint)
+    shards = sorted(p.name for p in (ckpt / "ds").glob("zero_pp_rank_*_optim_states.pt"))
+    assert len(shards) == 2
+    full = consolidated_state_dict(ckpt)
+    sharded = tmp_path / "shards-only"
+    shutil.copytree(ckpt, sharded)
+    (sharded / MODEL_FILE).unlink()
+    exported = consolidated_state_dict(sharded)  # zero_to_fp32 from the optimizer shards
+    assert exported.keys() == full.keys()
+    assert all(torch.equal(exported[k], full[k]) for k in full)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(sharded), "--batches", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 6 and 0 < result["loss_bits"] < 8
