@@ -37,7 +37,7 @@ def from_head_order(y: torch.Tensor, layout: BlockLayout, n: int) -> torch.Tenso
     """Inverse of :func:`to_head_order`: (B, H, N, D) -> (B, H, n, D)."""
     if layout.any_permuted:
         b, h, _, d = y.shape
-        inverse = torch.argsort(layout.head_orders(), dim=1)  # (H, N)
+        inverse = layout.head_inverse_orders()  # (H, N)
         y = torch.gather(y, 2, inverse[None, :, :, None].expand(b, h, -1, d))
     return y[:, :, :n]
 

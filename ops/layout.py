@@ -234,6 +234,13 @@ class BlockLayout:
             self._cache["orders"] = groups[self.head_group.long()]
         return self._cache["orders"]
 
+    def head_inverse_orders(self) -> torch.Tensor:
+        """(H, N) int64: for every original position, its place in the head's order
+        (cached: the backends undo the permutation on every call)."""
+        if "inverse_orders" not in self._cache:
+            self._cache["inverse_orders"] = torch.argsort(self.head_orders(), dim=1)
+        return self._cache["inverse_orders"]
+
     def ell(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded lists: (G, NQB, K) int64 key blocks (-1 = none) and their full flags."""
         if "ell" not in self._cache:

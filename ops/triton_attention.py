@@ -46,6 +46,8 @@ from sparse_transformer.ops.layout import (
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
+# _part_mask's KIND codes are the layout's part kinds
+assert (PART_BAND, PART_CHUNK, PART_COLUMN, PART_SUMMARY) == (0, 1, 2, 3)
 _NO_PART = -1
 _INT32_BIG = 1 << 30
 POISON_OUTPUTS = False
@@ -512,10 +514,6 @@ def triton_sparse_attention(
 
 
 __all__ = [
-    "PART_BAND",
-    "PART_CHUNK",
-    "PART_COLUMN",
-    "PART_SUMMARY",
     "SUPPORTED_HEAD_DIMS",
     "block_sparse_attn_bwd",
     "block_sparse_attn_fwd",
