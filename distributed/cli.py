@@ -74,7 +74,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from sparse_transformer.distributed.trainer import StorageError, run_training
+    from sparse_transformer.distributed.trainer import StorageError, TrainingError, run_training
 
     start = time.time()
     try:
@@ -82,6 +82,9 @@ def _train(args: argparse.Namespace) -> int:
     except StorageError as err:
         print(f"sparse-transformer train: {err}", file=sys.stderr)
         return 3
+    except TrainingError as err:
+        print(f"sparse-transformer train: {err}", file=sys.stderr)
+        return 1
     m = summary.metrics
     print(f"[train] finished in {time.time() - start:.0f} s; run folder {summary.run_dir}")
     if summary.checkpoint:

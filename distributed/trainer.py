@@ -31,6 +31,43 @@ class StorageError(RuntimeError):
     """Run storage that cannot be reached or written (raised before training starts)."""
 
 
+class TrainingError(RuntimeError):
+    """Training workers failed; ``worker_failures`` maps each failed rank to its error.
+
+    Ray Train's own message groups similar errors and cuts long ones in the middle, which
+    can drop the line that says what went wrong; this one states every rank's cause in
+    full, followed by the worker traceback of the lowest failed rank.
+    """
+
+    def __init__(self, worker_failures: dict[int, BaseException]) -> None:
+        self.worker_failures = dict(worker_failures)
+        super().__init__(describe_worker_failures(self.worker_failures))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.worker_failures,))
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    # a RayTaskError wraps the worker's exception as ``cause``
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+def describe_worker_failures(failures: dict[int, BaseException]) -> str:
+    """One line per failed rank (its error's first line), then the lowest rank's text."""
+    if not failures:
+        return "training failed (no worker reported an error)"
+    ranks = sorted(failures)
+    lines = [f"training failed on {len(ranks)} worker(s), ranks {', '.join(map(str, ranks))}:"]
+    for rank in ranks:
+        cause = _root_cause(failures[rank])
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        lines.append(f"  rank {rank}: {first}")
+    lines.append(f"--- rank {ranks[0]} in full ---")
+    lines.append(str(_root_cause(failures[ranks[0]])).rstrip())
+    return "\n".join(lines)
+
+
 @dataclass
 class TrainSummary:
     """What the driver learned from a finished run."""
@@ -232,7 +269,13 @@ def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
             url = getattr(ctx, "dashboard_url", None) or ""
             print(f"[train] Ray dashboard: http://{url or '127.0.0.1:8265'}", flush=True)
         trainer = build_trainer(cfg)
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as err:
+            failures = getattr(err, "worker_failures", None)
+            if isinstance(failures, dict) and failures:
+                raise TrainingError(failures) from err
+            raise
         ckpt = result.checkpoint.path if result.checkpoint is not None else None
         return TrainSummary(
             metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir(cfg)
@@ -246,6 +289,7 @@ __all__ = [
     "ConfigError",
     "StorageError",
     "TrainSummary",
+    "TrainingError",
     "build_trainer",
     "check_storage",
     "prepare_data",

@@ -245,3 +245,38 @@ def test_cli_train_fails_early(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["train", "--print-config", "data.storage_options.token=abc"]) == 0
     out = capsys.readouterr().out
     assert "token: '***'" in out and "abc" not in out
+
+
+class WrappedError(Exception):
+    """Shaped like Ray's RayTaskError: the worker's exception is ``cause``."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+    def __str__(self) -> str:
+        return "Traceback (most recent call last):\n" + "x\n" * 5000
+
+
+def test_worker_failures_are_described_rank_by_rank() -> None:
+    from sparse_transformer.distributed.trainer import TrainingError
+
+    long_tb = "\n".join(f"  frame {i}" for i in range(3000))
+    err = TrainingError(
+        {
+            1: WrappedError(
+                RuntimeError(f"training worker rank 1 failed: ValueError: bad b\n{long_tb}")
+            ),
+            0: WrappedError(
+                RuntimeError(f"training worker rank 0 failed: ValueError: bad a\n{long_tb}")
+            ),
+        }
+    )
+    lines = str(err).splitlines()
+    assert lines[0] == "training failed on 2 worker(s), ranks 0, 1:"
+    assert lines[1] == "  rank 0: training worker rank 0 failed: ValueError: bad a"
+    assert lines[2] == "  rank 1: training worker rank 1 failed: ValueError: bad b"
+    assert lines[3] == "--- rank 0 in full ---" and lines[-1] == "  frame 2999"
+    import pickle
+
+    assert str(pickle.loads(pickle.dumps(err))) == str(err)

@@ -232,18 +232,22 @@ def test_two_workers_train_resume_eval_sample(
 def test_worker_exception_reaches_the_driver_with_rank(
     small_dataset: str, tmp_path: Path, local_ray: None
 ) -> None:
-    from sparse_transformer.distributed.trainer import run_training
+    from sparse_transformer.distributed.trainer import TrainingError, run_training
 
     # a dataset of another sequence length: the workers fail on their first check
     cfg = small_config(tmp_path, small_dataset, "bad", steps=4)
     doc = cfg.to_dict()
     doc["data"]["seq_len"] = 32
     doc["run"]["max_failures"] = 0
-    with pytest.raises(Exception) as err:
+    with pytest.raises(TrainingError) as err:
         run_training(Config.from_dict(doc), verbose=False)
-    text = str(err.value)
-    assert "training worker rank" in text and "data.seq_len" in text
-    assert "Traceback" in text or "worker traceback" in text
+    assert sorted(err.value.worker_failures) == [0, 1]
+    lines = str(err.value).splitlines()
+    # every rank's cause on its own line, however long the tracebacks are
+    for rank in (0, 1):
+        line = next(x for x in lines if x.startswith(f"  rank {rank}: "))
+        assert f"training worker rank {rank} failed" in line and "data.seq_len" in line
+    assert "worker traceback (rank 0)" in str(err.value)
 
 
 @pytest.mark.slow
