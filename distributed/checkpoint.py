@@ -12,8 +12,12 @@ One checkpoint is one directory (Ray Train merges what every rank reports)::
                           every rank of meta.json's world size has its marker
 
 Loading uses ``torch.load(..., weights_only=True)`` for our files and DeepSpeed's
-own loader for ``ds/``. A ZeRO-sharded checkpoint without ``model.pt`` is exported
-to a consolidated state dict with DeepSpeed's ``zero_to_fp32``.
+own loader for ``ds/``. A ZeRO checkpoint (stage >= 1) is partitioned by world size;
+resuming it on another world size (an elastic group that grew or shrank) or another
+ZeRO stage goes through DeepSpeed's universal format (:func:`to_universal`: one fp32
+weight and moment file per parameter), which any partitioning loads. A ZeRO-sharded
+checkpoint without ``model.pt`` is exported to a consolidated state dict with
+DeepSpeed's ``zero_to_fp32``.
 """
 
 from __future__ import annotations
@@ -78,6 +82,51 @@ def verify_complete(directory: str | os.PathLike[str]) -> dict[str, Any]:
         if int(json.loads(marker.read_text())["step"]) != step:
             raise IncompleteCheckpointError(f"checkpoint {d}: rank {r} committed another step")
     return meta
+
+
+def needs_universal(meta: dict[str, Any], world: int, zero_stage: int) -> bool:
+    """Whether DeepSpeed's own loader cannot read this checkpoint's optimizer state here:
+    it holds ZeRO partitions (stage >= 1) for another world size, or another stage."""
+    saved_stage = int(meta.get("zero_stage", 0))
+    if (saved_stage == 0) != (zero_stage == 0):
+        raise ValueError(
+            f"train.zero_stage: the checkpoint was saved with ZeRO stage {saved_stage} and "
+            f"cannot be resumed with stage {zero_stage}; DeepSpeed repartitions optimizer "
+            "state between stages 1-3 only (keep stage 0, or keep a stage of 1-3)"
+        )
+    if saved_stage == 0:
+        return False
+    return int(meta["world_size"]) != world or saved_stage != zero_stage
+
+
+def to_universal(directory: str | os.PathLike[str], out_root: str | os.PathLike[str]) -> Path:
+    """Convert the DeepSpeed part of a complete checkpoint to the universal format.
+
+    Writes ``out_root/ds`` (and DeepSpeed's ``latest_universal``) and returns
+    ``out_root``: load it with ``engine.load_checkpoint(out_root, tag="ds")`` on an
+    engine whose config has ``"checkpoint": {"load_universal": true}``.
+    """
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    verify_complete(directory)
+    out = Path(out_root)
+    out.mkdir(parents=True, exist_ok=True)
+    args = argparse.Namespace(
+        input_folder=str(Path(directory, DS_TAG)),
+        output_folder=str(out / DS_TAG),
+        num_extract_workers=1,  # in-process: no worker pool inside a training worker
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # checkpoints saved before the info was recorded
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter
+        ds_to_universal.main(args)
+    return out
 
 
 @contextmanager

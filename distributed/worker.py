@@ -18,6 +18,8 @@ the run folder; rank 0 prints a progress line that Ray forwards to the driver.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -119,6 +121,31 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         ) from err
 
 
+def _universal_copy(
+    stack: contextlib.ExitStack, cdir: str, key: str, local_rank: int, dist: Any
+) -> Path:
+    """DeepSpeed's universal form of checkpoint ``cdir``, converted once per node.
+
+    Local rank 0 converts into a node-local folder named after the checkpoint; the other
+    ranks of the node wait at a barrier and read it. The folder is removed on leaving
+    ``stack`` (after every rank has loaded).
+    """
+    name = hashlib.sha256(key.encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir(), f"st-universal-{name}")
+    if local_rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        ckpt_io.to_universal(cdir, out)
+    dist.barrier()
+
+    def cleanup() -> None:
+        dist.barrier()  # every rank has loaded
+        if local_rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
+
+    stack.callback(cleanup)
+    return out
+
+
 def _build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     from sparse_transformer.model import SparseTransformer
 
@@ -153,12 +180,40 @@ def _train(loop_config: dict[str, Any]) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     precision = resolve_precision(cfg, on_gpu)
 
-    model = _build_model(cfg, device)
-    ds_config = deepspeed_config(cfg, world, on_gpu=on_gpu)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config
-    )
-    torch.manual_seed(t.seed + 1000 * (rank + 1))  # dropout stream of this rank
+    restored = ray.train.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        cdir = stack.enter_context(restored.as_directory()) if restored is not None else None
+        meta = ckpt_io.verify_complete(cdir) if cdir is not None else None
+        universal = meta is not None and ckpt_io.needs_universal(meta, world, t.zero_stage)
+        model = _build_model(cfg, device)
+        ds_config = deepspeed_config(cfg, world, on_gpu=on_gpu)
+        if universal:
+            ds_config["checkpoint"] = {"load_universal": True}
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=ds_config
+        )
+        torch.manual_seed(t.seed + 1000 * (rank + 1))  # dropout stream of this rank
+        state: dict[str, Any] | None = None
+        if cdir is not None:
+            load_dir = cdir
+            if universal:
+                load_dir = _universal_copy(stack, cdir, restored.path, ctx.get_local_rank(), dist)
+                if rank == 0:
+                    print(
+                        f"[train] checkpoint of world size {meta['world_size']} (ZeRO stage "
+                        f"{meta.get('zero_stage', 0)}) resumed on {world} worker(s) (ZeRO stage "
+                        f"{t.zero_stage}) through DeepSpeed's universal format",
+                        flush=True,
+                    )
+            load_path, _ = engine.load_checkpoint(
+                str(load_dir),
+                tag=ckpt_io.DS_TAG,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed found no checkpoint under {load_dir}")
+            state = ckpt_io.load_rank_state(cdir, rank)
 
     url = loop_config["data_url"]
     common = dict(
@@ -186,16 +241,7 @@ def _train(loop_config: dict[str, Any]) -> None:
     # -- restore ----------------------------------------------------------------------------
     step = 0
     skipped_nonfinite = 0  # fp32 steps dropped for non-finite gradients (saved in checkpoints)
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as cdir:
-            ckpt_io.verify_complete(cdir)
-            load_path, _ = engine.load_checkpoint(
-                cdir, tag=ckpt_io.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed found no checkpoint under {cdir}")
-            state = ckpt_io.load_rank_state(cdir, rank)
+    if restored is not None and state is not None:
         step = int(state["step"])
         skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         train_ds.load_state_dict(state["data"])
@@ -338,8 +384,6 @@ def _train(loop_config: dict[str, Any]) -> None:
         batch = next_batch()
         wait = time.perf_counter() - t0
         if digests is not None:
-            import hashlib
-
             digest = hashlib.sha256(batch.numpy().tobytes()).hexdigest()[:16]
             with open(digests, "a") as f:
                 f.write(json.dumps({"step": step, "rank": rank, "batch": digest}) + "\n")
@@ -406,9 +450,13 @@ def _train(loop_config: dict[str, Any]) -> None:
                 print(_progress(step, t.steps, metrics), flush=True)
             if "val_loss_bits" in metrics:
                 print(f"[train] step {step}: validation {last_val:.4f} bits/byte", flush=True)
-        if step == t.steps and rank == 0 and t.sample_length > 0:
-            metrics = metrics or {"step": step}
-            metrics["sample"] = _sample(engine.module, cfg, device, generate)
+        if step == t.steps and t.sample_length > 0 and (rank == 0 or t.zero_stage == 3):
+            # ZeRO-3 gathers parameters collectively in every forward: all ranks run the
+            # same (seeded, hence identical) decoding in lockstep; rank 0 keeps the text.
+            text = _sample(engine.module, cfg, device, generate)
+            if rank == 0:
+                metrics = metrics or {"step": step}
+                metrics["sample"] = text
         if do_ckpt:
             save(step, metrics or {"step": step})
         elif metrics is not None:

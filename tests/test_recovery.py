@@ -106,3 +106,33 @@ def test_killed_driver_relaunch_resumes_bitwise(
     batches, _ = consumed(run_dir)
     assert batches == expected_batches
     assert_bitwise_equal(final_weights(final), weights)
+
+
+@pytest.mark.parametrize(
+    ("saved_world", "saved_stage", "world", "stage", "expected"),
+    [
+        (2, 0, 2, 0, False),  # unpartitioned, same world
+        (1, 0, 2, 0, False),  # unpartitioned: every rank holds the whole optimizer state
+        (2, 2, 2, 2, False),  # ZeRO partitions for this very world
+        (1, 2, 2, 2, True),  # the group grew
+        (4, 3, 2, 3, True),  # the group shrank
+        (2, 2, 2, 3, True),  # another stage partitions differently
+    ],
+)
+def test_universal_format_only_when_the_partitioning_changed(
+    saved_world: int, saved_stage: int, world: int, stage: int, expected: bool
+) -> None:
+    from sparse_transformer.distributed.checkpoint import needs_universal
+
+    meta = {"world_size": saved_world, "zero_stage": saved_stage, "step": 6}
+    assert needs_universal(meta, world, stage) is expected
+
+
+@pytest.mark.parametrize(("saved_stage", "stage"), [(0, 1), (2, 0)])
+def test_resuming_across_zero_stage_0_is_refused_naming_the_field(
+    saved_stage: int, stage: int
+) -> None:
+    from sparse_transformer.distributed.checkpoint import needs_universal
+
+    with pytest.raises(ValueError, match=f"train.zero_stage: .* stage {saved_stage} .* {stage}"):
+        needs_universal({"world_size": 2, "zero_stage": saved_stage}, 2, stage)

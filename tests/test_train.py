@@ -250,9 +250,51 @@ def test_worker_exception_reaches_the_driver_with_rank(
     assert "worker traceback (rank 0)" in str(err.value)
 
 
+def no_dropout(storage: Path, data_url: str, name: str, steps: int, **train: object) -> Config:
+    """A run without dropout, so that runs of any world size are comparable (each rank
+    draws its own dropout stream), checkpointing every 2 steps."""
+    doc = small_config_doc(
+        storage, data_url, name, steps=steps, checkpoint_every=2, record_batches=False, **train
+    )
+    doc["model"]["dropout"] = 0.0
+    return Config.from_dict(doc)
+
+
+def checkpoint_at(run_dir: str, step: int) -> Path:
+    """The run's kept checkpoint of ``step``."""
+    from sparse_transformer.distributed.checkpoint import META_FILE
+
+    for meta in Path(run_dir).glob(f"checkpoint_*/{META_FILE}"):
+        if json.loads(meta.read_text())["step"] == step:
+            return meta.parent
+    raise AssertionError(f"no checkpoint of step {step} in {run_dir}")
+
+
+def assert_same_weights(a: str | Path, b: str | Path) -> None:
+    """Equal up to the order of fp32 reductions (a few Adam steps from identical starts)."""
+    from sparse_transformer.distributed.checkpoint import consolidated_state_dict
+
+    wa, wb = consolidated_state_dict(a), consolidated_state_dict(b)
+    assert wa.keys() == wb.keys()
+    for k in wb:
+        torch.testing.assert_close(
+            wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
+        )
+
+
+@pytest.fixture(scope="module")
+def zero2_run(small_dataset: str, tmp_path_factory: pytest.TempPathFactory, local_ray: None):
+    """Eight uninterrupted fp32 steps with ZeRO stage 2 on 2 CPU workers, checkpoints at
+    steps 6 and 8 kept: the reference of the ZeRO and elastic tests."""
+    from sparse_transformer.distributed.trainer import run_training
+
+    cfg = no_dropout(tmp_path_factory.mktemp("zero2"), small_dataset, "zero2", 8, zero_stage=2)
+    return run_training(cfg, verbose=False)
+
+
 @pytest.mark.slow
 def test_zero2_sharded_checkpoint_exports_a_consolidated_state_dict(
-    small_dataset: str, tmp_path: Path, local_ray: None, capsys: pytest.CaptureFixture[str]
+    zero2_run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """ZeRO stage 2 on 2 CPU workers: each rank saves its optimizer shard; DeepSpeed's
     zero_to_fp32 export of the shards equals the consolidated weights, and eval reads a
@@ -260,12 +302,8 @@ def test_zero2_sharded_checkpoint_exports_a_consolidated_state_dict(
     import shutil
 
     from sparse_transformer.distributed.checkpoint import MODEL_FILE, consolidated_state_dict
-    from sparse_transformer.distributed.trainer import run_training
 
-    cfg = small_config(tmp_path, small_dataset, "zero2", steps=6, zero_stage=2)
-    cfg.train.record_batches = False
-    summary = run_training(cfg, verbose=False)
-    ckpt = Path(summary.checkpoint)
+    ckpt = Path(zero2_run.checkpoint)
     shards = sorted(p.name for p in (ckpt / "ds").glob("zero_pp_rank_*_optim_states.pt"))
     assert len(shards) == 2
     full = consolidated_state_dict(ckpt)
@@ -278,4 +316,68 @@ def test_zero2_sharded_checkpoint_exports_a_consolidated_state_dict(
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(sharded), "--batches", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 8 and 0 < result["loss_bits"] < 8
+
+
+@pytest.mark.slow
+def test_zero3_trains_the_zero2_model_and_recovers_exactly(
+    zero2_run, small_dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ZeRO stage 3 (parameters partitioned, gathered in every forward) on 2 CPU workers,
+    rank 1 killed at step 6 and the group restarted by Ray Train: the step-6 checkpoint
+    holds the ZeRO-2 weights up to fp32 reduction order, eval reads its parameter shards,
+    the recovered run ends on the uninterrupted run's weights, and the end-of-run sample
+    (decoded by all ranks in lockstep) is reported."""
+    from sparse_transformer.distributed.checkpoint import MODEL_FILE
+    from sparse_transformer.distributed.trainer import run_training
+
+    cfg = no_dropout(tmp_path, small_dataset, "zero3", 8, zero_stage=3, fault_step=6)
+    summary = run_training(cfg, verbose=False)
+    assert Path(summary.run_dir, ".fault-injected").exists()
+    assert summary.metrics["step"] == 8 and summary.metrics["sample"].startswith("The ")
+    assert_same_weights(summary.checkpoint, zero2_run.checkpoint)
+    assert summary.metrics["loss_bits"] == pytest.approx(zero2_run.metrics["loss_bits"], rel=1e-5)
+    at6 = checkpoint_at(summary.run_dir, 6)
+    assert not (at6 / MODEL_FILE).exists()  # stage 3 keeps only the shards
+    assert len(list((at6 / "ds").glob("zero_pp_rank_*_model_states.pt"))) == 2
+    assert_same_weights(at6, checkpoint_at(zero2_run.run_dir, 6))
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(at6), "--batches", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["step"] == 6 and 0 < result["loss_bits"] < 8
+
+
+@pytest.mark.slow
+def test_elastic_group_starts_with_what_fits_and_resumes_on_more_workers(
+    zero2_run, small_dataset: str, tmp_path: Path
+) -> None:
+    """``scaling.min_workers`` makes ScalingConfig(num_workers=(min, max)). With 2 CPUs per
+    worker on this 2-CPU cluster only one worker fits: the elastic group trains with world
+    size 1, and its step-6 weights equal the 2-worker run's (the global batch order does
+    not depend on the world size). Its worker dies at step 6 (no retries); relaunched with
+    1 CPU per worker, the run resumes the world-1 ZeRO-2 checkpoint on 2 workers
+    (DeepSpeed's universal format repartitions the optimizer state) and ends on the
+    uninterrupted 2-worker run's weights."""
+    from sparse_transformer.distributed.checkpoint import META_FILE
+    from sparse_transformer.distributed.trainer import build_trainer, run_training
+
+    cfg = no_dropout(tmp_path, small_dataset, "elastic", 8, zero_stage=2)
+    cfg.train.fault_step, cfg.train.fault_rank = 6, 0
+    cfg.run.max_failures = 0
+    cfg.scaling.min_workers, cfg.scaling.num_workers = 1, 2
+    cfg.scaling.cpus_per_worker = 2.0
+    assert build_trainer(cfg).scaling_config.num_workers == (1, 2)
+    with pytest.raises(Exception, match="rank 0"):
+        run_training(cfg, verbose=False)
+    at6 = checkpoint_at(str(tmp_path / "elastic"), 6)
+    assert json.loads((at6 / META_FILE).read_text())["world_size"] == 1
+    assert_same_weights(at6, checkpoint_at(zero2_run.run_dir, 6))
+
+    cfg.scaling.cpus_per_worker = 1.0
+    again = run_training(cfg, verbose=False)
+    # resumed, not restarted: steps 1-4 were logged once (a fresh start would log 4 again)
+    assert [m["step"] for m in history(Path(again.run_dir)) if "loss_bits" in m] == [4, 8]
+    meta = json.loads((Path(again.checkpoint) / META_FILE).read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 8
+    assert_same_weights(again.checkpoint, zero2_run.checkpoint)
+    assert again.metrics["loss_bits"] == pytest.approx(zero2_run.metrics["loss_bits"], rel=1e-5)
