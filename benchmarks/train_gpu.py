@@ -14,7 +14,8 @@ loss scale settle (not to compare bits/byte with the paper).
     python -m sparse_transformer.benchmarks.train_gpu --steps 300 \
         --batch-enwik8 4 --batch-cifar10 16
 
-Not run yet in this repository (no GPU time was left when it was written).
+Not run on a GPU yet (no device time was left); `--cpu-smoke --configs tiny` checks the
+plumbing on the CPU, and tests/test_cli.py validates the GPU overrides.
 """
 
 from __future__ import annotations
@@ -41,32 +42,59 @@ def _repo_text(out: Path) -> Path:
     return corpus
 
 
-def bench(name: str, steps: int, batch: int, url: str, storage: Path, backend: str) -> dict:
-    from sparse_transformer.distributed.config import load_config
-    from sparse_transformer.distributed.trainer import local_state_dir, run_training
-
-    overrides = [
+def bench_overrides(
+    name: str,
+    steps: int,
+    batch: int,
+    url: str,
+    storage: Path,
+    backend: str,
+    *,
+    precision: str = "fp16",
+    use_gpu: bool = True,
+) -> list[str]:
+    """The ``key=value`` overrides one benchmark run applies to the named config."""
+    return [
         f"train.steps={steps}",
-        "train.warmup_steps=100",
-        "train.log_every=10",
+        f"train.warmup_steps={min(100, max(steps // 3, 1))}",
+        f"train.log_every={min(10, steps)}",
         f"train.eval_every={steps}",
         "train.eval_batches=2",
         f"train.checkpoint_every={steps}",
         "train.sample_length=0",
-        "train.precision=fp16",
+        f"train.precision={precision}",
         "train.zero_stage=0",
         f"data.global_batch_size={batch}",
         f"data.eval_batch_size={batch}",
         f"data.url={url}",
         "data.prepare=false",
         "scaling.num_workers=1",
-        "scaling.use_gpu=true",
+        f"scaling.use_gpu={'true' if use_gpu else 'false'}",
         f"run.storage_path={storage}",
         f"run.name=bench-{name}-{int(time.time())}",
         "run.max_failures=0",
         f"model.attention_backend={backend}",
         "model.recompute=block",
     ]
+
+
+def bench(
+    name: str,
+    steps: int,
+    batch: int,
+    url: str,
+    storage: Path,
+    backend: str,
+    *,
+    precision: str = "fp16",
+    use_gpu: bool = True,
+) -> dict:
+    from sparse_transformer.distributed.config import load_config
+    from sparse_transformer.distributed.trainer import local_state_dir, run_training
+
+    overrides = bench_overrides(
+        name, steps, batch, url, storage, backend, precision=precision, use_gpu=use_gpu
+    )
     cfg = load_config(name, overrides)
     start = time.time()
     summary = run_training(cfg, verbose=False)
@@ -104,13 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="auto", help="attention backend (auto picks Triton)")
     p.add_argument("--configs", default="enwik8,cifar10")
     p.add_argument("--json", default="benchmarks/results/train_gpu.json")
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="run on the CPU in fp32 (a check of the plumbing with a small config, e.g. "
+        "--configs tiny --batch-tiny 4 --steps 4; no figures to report)",
+    )
+    p.add_argument("--batch-tiny", type=int, default=4)
     args = p.parse_args(argv)
 
     import torch
 
-    if not torch.cuda.is_available():
-        print("train_gpu: needs a CUDA GPU", file=sys.stderr)
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print("train_gpu: needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
+    precision, use_gpu = ("fp32", False) if args.cpu_smoke else ("fp16", True)
     from sparse_transformer.data import prepare
 
     work = Path(tempfile.mkdtemp(prefix="st-bench-"))
@@ -125,9 +161,20 @@ def main(argv: list[str] | None = None) -> int:
             n = load_model_config(name).n_ctx
             url = f"file://{work}/text-{n}"
             prepare("text", url, path=str(corpus), seq_len=n, overwrite=False)
-        batch = getattr(args, f"batch_{name}")
-        res = bench(name, args.steps, batch, url, work / "runs", args.backend)
-        res["gpu"] = torch.cuda.get_device_name(0)
+        batch = getattr(args, f"batch_{name.replace('-', '_')}", None)
+        if batch is None:
+            p.error(f"no batch size option for config {name!r} (have enwik8, cifar10, tiny)")
+        res = bench(
+            name,
+            args.steps,
+            batch,
+            url,
+            work / "runs",
+            args.backend,
+            precision=precision,
+            use_gpu=use_gpu,
+        )
+        res["gpu"] = torch.cuda.get_device_name(0) if use_gpu else "cpu (smoke run)"
         res["data"] = url
         print(json.dumps(res), flush=True)
         results.append(res)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +47,17 @@ def test_bench_layouts_runs(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "layouts"]) == 0
     out = capsys.readouterr().out
     assert "enwik8" in out and "music-1m" in out
+
+
+@pytest.mark.parametrize("name", ["enwik8", "cifar10"])
+def test_gpu_training_benchmark_overrides_validate(name: str, tmp_path: Path) -> None:
+    """The GPU training benchmark's config (fp16, recompute, one GPU worker) passes the
+    same validation a launch does, so a GPU session does not fail on a typo."""
+    from sparse_transformer.benchmarks.train_gpu import bench_overrides
+    from sparse_transformer.distributed.config import deepspeed_config, load_config
+
+    cfg = load_config(name, bench_overrides(name, 300, 8, "file:///data/x", tmp_path, "triton"))
+    assert cfg.train.precision == "fp16" and cfg.model.recompute == "block"
+    assert cfg.scaling.num_workers == 1 and cfg.model.attention_backend == "triton"
+    ds = deepspeed_config(cfg, 1, on_gpu=True)
+    assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
