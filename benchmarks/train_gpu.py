@@ -78,23 +78,11 @@ def bench_overrides(
     ]
 
 
-def bench(
-    name: str,
-    steps: int,
-    batch: int,
-    url: str,
-    storage: Path,
-    backend: str,
-    *,
-    precision: str = "fp16",
-    use_gpu: bool = True,
-) -> dict:
+def bench(name: str, overrides: list[str]) -> dict:
+    """Train config ``name`` with ``overrides`` (see :func:`bench_overrides`); the figures."""
     from sparse_transformer.distributed.config import load_config
     from sparse_transformer.distributed.trainer import local_state_dir, run_training
 
-    overrides = bench_overrides(
-        name, steps, batch, url, storage, backend, precision=precision, use_gpu=use_gpu
-    )
     cfg = load_config(name, overrides)
     start = time.time()
     summary = run_training(cfg, verbose=False)
@@ -107,10 +95,10 @@ def bench(
     tps = [m["tokens_per_second"] for m in train[1:]] or [train[0]["tokens_per_second"]]
     return {
         "config": name,
-        "steps": steps,
-        "global_batch": batch,
+        "steps": cfg.train.steps,
+        "global_batch": cfg.data.global_batch_size,
         "seq_len": cfg.seq_len,
-        "attention_backend": backend,
+        "attention_backend": cfg.model.attention_backend,
         "wall_s": round(wall, 1),
         "tokens_per_second": round(sum(tps) / len(tps), 1),
         "peak_memory_bytes": max(m["peak_memory_bytes"] for m in train),
@@ -164,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = getattr(args, f"batch_{name.replace('-', '_')}", None)
         if batch is None:
             p.error(f"no batch size option for config {name!r} (have enwik8, cifar10, tiny)")
-        res = bench(
+        overrides = bench_overrides(
             name,
             args.steps,
             batch,
@@ -174,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             precision=precision,
             use_gpu=use_gpu,
         )
+        res = bench(name, overrides)
         res["gpu"] = torch.cuda.get_device_name(0) if use_gpu else "cpu (smoke run)"
         res["data"] = url
         print(json.dumps(res), flush=True)
