@@ -2,15 +2,18 @@
 
 Entries are named by the shard's sha256, so a cache directory can be shared by
 every dataset, rank and DataLoader worker of a machine: writes go to a
-temporary name and are renamed into place, reads refresh the entry's mtime
-(the LRU clock), and eviction tolerates entries that another process removed
-first. A corrupt entry is caught by the reader's sha256 check and discarded.
+temporary name and are renamed into place, writes and reads stamp the entry's mtime
+with the nanosecond clock (the LRU clock: the kernel's own stamps advance once per
+tick, 1-4 ms, too coarse to order shards written in quick succession), and eviction
+tolerates entries that another process removed first. A corrupt entry is caught by the
+reader's sha256 check and discarded.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -28,6 +31,13 @@ class ShardCache:
         self.directory = Path(directory)
         self.limit_bytes = limit_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._last_stamp = 0
+
+    def _stamp(self, p: Path) -> None:
+        """Mark ``p`` used now: a strictly increasing nanosecond mtime in this process."""
+        t = max(time.time_ns(), self._last_stamp + 1)
+        self._last_stamp = t
+        os.utime(p, ns=(t, t))
 
     def path(self, key: str) -> Path:
         """Where the entry for ``key`` lives."""
@@ -40,7 +50,7 @@ class ShardCache:
         p = self.path(key)
         try:
             data = p.read_bytes()
-            os.utime(p)
+            self._stamp(p)
         except FileNotFoundError:
             return None
         return data
@@ -53,6 +63,7 @@ class ShardCache:
         tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
         try:
             tmp.write_bytes(data)
+            self._stamp(tmp)
             os.replace(tmp, p)
         except OSError as e:  # a full disk must not stop training: the cache is optional
             log.warning("shard cache %s: cannot store %s: %s", self.directory, key, e)

@@ -362,3 +362,20 @@ def test_ray_train_workers_take_rank_and_world_from_the_context(
         assert d["world"] == 2
         per_rank.append([[int.from_bytes(bytes(x), "big") for x in b] for b in d["batches"]])
     assert merge(per_rank) == merge(stream_ids(url, 1, seed=1))
+
+
+def test_shard_cache_orders_entries_used_within_one_clock_tick(tmp_path: Path) -> None:
+    """Entries written and read microseconds apart (well inside a kernel tick, when the
+    file system's own mtimes would tie) are evicted strictly least recently used first."""
+    from sparse_transformer.data.cache import ShardCache
+
+    cache = ShardCache(tmp_path, limit_bytes=3 * 100)
+    # names in descending order: a tie on mtime (broken by name) would evict the newest
+    keys = [f"k{i:02d}" for i in reversed(range(12))]
+    for key in keys[:6]:
+        cache.put(key, b"x" * 100)
+    assert [p.stem for _, _, p in cache.entries()] == keys[3:6]
+    assert cache.get(keys[3]) is not None  # now the most recently used
+    for key in keys[6:8]:
+        cache.put(key, b"x" * 100)
+    assert [p.stem for _, _, p in cache.entries()] == [keys[3], keys[6], keys[7]]
