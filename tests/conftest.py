@@ -18,7 +18,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     ``s3`` fixture makes sure it is up again before the next test.
     """
     server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
+    server.start_on_free_ports()
     try:
         yield server
     finally:

@@ -136,6 +136,22 @@ class SeaweedS3:
             )
         self.wait_ready(timeout_s)
 
+    def start_on_free_ports(self, attempts: int = 3, timeout_s: float = 60.0) -> None:
+        """First start: the ports were free when picked but are bound only now, so a start
+        that fails (another process took one) is retried on fresh ports. Restarts after
+        :meth:`kill` use :meth:`start` and keep the ports (clients keep the endpoint)."""
+        for attempt in range(attempts):
+            try:
+                self.start(timeout_s)
+                return
+            except (RuntimeError, TimeoutError):
+                self.stop()
+                self._remove_sockets()
+                if attempt + 1 == attempts:
+                    raise
+                names = list(self.ports)
+                self.ports = dict(zip(names, free_ports(len(names))))
+
     @property
     def running(self) -> bool:
         """Whether the server process is alive."""

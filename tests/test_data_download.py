@@ -8,7 +8,6 @@ import bz2
 import hashlib
 import http.server
 import logging
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,19 +132,12 @@ def test_cifar10_downloader_end_to_end(
         prepare("cifar10", out, download=False)
 
 
-def _pypi_reachable() -> bool:
-    try:
-        with socket.create_connection(("pypi.org", 443), timeout=5):
-            return True
-    except OSError:
-        return False
-
-
 def test_wiki_sample_from_the_gensim_wheel(tmp_path: Path) -> None:
-    cached = dl.default_cache_dir() / "wiki-sample" / dl.WIKI_SAMPLE_FILE
-    if not cached.exists() and not _pypi_reachable():
-        pytest.skip("PyPI is unreachable and the wiki sample is not cached")
-    xml = dl.fetch_wiki_sample()  # into ~/.cache/sparse-transformer, shared with `make train`
+    # pip's own index configuration decides where the wheel comes from (no probe of ours)
+    try:
+        xml = dl.fetch_wiki_sample()  # into ~/.cache/sparse-transformer, shared with make train
+    except dl.DownloadError as e:
+        pytest.skip(f"no package index serves the gensim wheel here: {e}")
     data = xml.read_bytes()
     assert len(data) == 6_089_746 and hashlib.sha256(data).hexdigest() == dl.WIKI_SAMPLE_SHA256
     m = prepare("wiki-sample", "memory://wiki-test", seq_len=4096)

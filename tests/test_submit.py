@@ -64,6 +64,20 @@ class RayHead:
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
         self.num_cpus = num_cpus
+        self._pick_ports()
+        self.env = dict(os.environ)
+        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
+            self.env.pop(k, None)
+        self.env.update(
+            RAY_USAGE_STATS_ENABLED="0",
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep Ray on loopback
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(self.token_path),
+            RAY_metrics_report_interval_ms="1000",
+        )
+        self.env.update(env or {})
+
+    def _pick_ports(self) -> None:
         ports = free_ports(9)
         (
             self.gcs_port,
@@ -88,17 +102,6 @@ class RayHead:
         # and away from Ray's default 10002-19999 used by other tests' clusters.
         lo = random.randrange(20000, 31000)
         self.worker_ports = (lo, lo + 200)
-        self.env = dict(os.environ)
-        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN"):
-            self.env.pop(k, None)
-        self.env.update(
-            RAY_USAGE_STATS_ENABLED="0",
-            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep Ray on loopback
-            RAY_AUTH_MODE="token",
-            RAY_AUTH_TOKEN_PATH=str(self.token_path),
-            RAY_metrics_report_interval_ms="1000",
-        )
-        self.env.update(env or {})
 
     @property
     def address(self) -> str:
@@ -112,7 +115,20 @@ class RayHead:
     def token(self) -> str:
         return self.token_path.read_text()
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
+        """Start the head and wait for its job server and metrics endpoint. The ports were
+        free when picked but are bound only now: on a failed start, retry with new ones."""
+        for attempt in range(attempts):
+            try:
+                self._start_once()
+                return
+            except RuntimeError:
+                if attempt + 1 == attempts:
+                    self.stop()
+                    raise
+                self._pick_ports()
+
+    def _start_once(self) -> None:
         lo, hi = self.worker_ports
         cmd = [
             RAY,
@@ -139,7 +155,7 @@ class RayHead:
         ]
         out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
         if out.returncode != 0:
-            self.stop()
+            self._kill()
             raise RuntimeError(f"ray start failed:\n{out.stdout}\n{out.stderr}")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # the job server answers (with the token)
@@ -149,12 +165,27 @@ class RayHead:
                 )
                 with urllib.request.urlopen(req, timeout=5) as r:
                     if r.status == 200:
-                        return
+                        break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("the Ray job server did not come up")
+        else:
+            self._kill()
+            raise RuntimeError("the Ray job server did not come up")
+        # The Prometheus exporter lives in the dashboard agent, which starts after the job
+        # server; Ray's own series appear after its first report.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.metrics_url, timeout=5) as r:
+                    body = r.read().decode("utf-8", "replace")
+                if body.startswith("ray_") or "\nray_" in body:
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        self._kill()
+        raise RuntimeError(f"the Ray metrics endpoint {self.metrics_url} did not come up")
 
     def processes(self) -> list[psutil.Process]:
         """This cluster's processes: those naming its temp dir or GCS port, and descendants."""
@@ -173,6 +204,10 @@ class RayHead:
 
     def stop(self) -> None:
         """End this cluster's processes by id (SIGTERM, then SIGKILL) and remove its files."""
+        self._kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def _kill(self) -> None:
         procs = self.processes()
         for p in procs:
             with contextlib.suppress(psutil.Error):
@@ -182,7 +217,6 @@ class RayHead:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         psutil.wait_procs(alive, timeout=10)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -241,13 +241,15 @@ def test_worker_exception_reaches_the_driver_with_rank(
     doc["run"]["max_failures"] = 0
     with pytest.raises(TrainingError) as err:
         run_training(Config.from_dict(doc), verbose=False)
-    assert sorted(err.value.worker_failures) == [0, 1]
+    # Ray Train fails the run on the first health poll that sees an error: one rank or both
+    failed = sorted(err.value.worker_failures)
+    assert failed and set(failed) <= {0, 1}
     lines = str(err.value).splitlines()
-    # every rank's cause on its own line, however long the tracebacks are
-    for rank in (0, 1):
+    # every failed rank's cause on its own line, however long the tracebacks are
+    for rank in failed:
         line = next(x for x in lines if x.startswith(f"  rank {rank}: "))
         assert f"training worker rank {rank} failed" in line and "data.seq_len" in line
-    assert "worker traceback (rank 0)" in str(err.value)
+    assert f"worker traceback (rank {failed[0]})" in str(err.value)
 
 
 def no_dropout(storage: Path, data_url: str, name: str, steps: int, **train: object) -> Config:
