@@ -241,7 +241,7 @@ def _train(loop_config: dict[str, Any]) -> None:
     # -- restore ----------------------------------------------------------------------------
     step = 0
     skipped_nonfinite = 0  # fp32 steps dropped for non-finite gradients (saved in checkpoints)
-    if restored is not None and state is not None:
+    if state is not None:
         step = int(state["step"])
         skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         train_ds.load_state_dict(state["data"])
