@@ -364,12 +364,18 @@ def test_ray_train_workers_take_rank_and_world_from_the_context(
     assert merge(per_rank) == merge(stream_ids(url, 1, seed=1))
 
 
-def test_shard_cache_orders_entries_used_within_one_clock_tick(tmp_path: Path) -> None:
+@pytest.mark.parametrize("clock", ["real", "frozen"])
+def test_shard_cache_orders_entries_used_within_one_clock_tick(
+    tmp_path: Path, clock: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Entries written and read microseconds apart (well inside a kernel tick, when the
-    file system's own mtimes would tie) are evicted strictly least recently used first."""
-    from sparse_transformer.data.cache import ShardCache
+    file system's own mtimes would tie) are evicted strictly least recently used first,
+    even when the clock does not move at all between them (``frozen``)."""
+    from sparse_transformer.data import cache as cache_mod
 
-    cache = ShardCache(tmp_path, limit_bytes=3 * 100)
+    if clock == "frozen":
+        monkeypatch.setattr(cache_mod.time, "time_ns", lambda: 1_700_000_000_000_000_000)
+    cache = cache_mod.ShardCache(tmp_path, limit_bytes=3 * 100)
     # names in descending order: a tie on mtime (broken by name) would evict the newest
     keys = [f"k{i:02d}" for i in reversed(range(12))]
     for key in keys[:6]:
