@@ -54,6 +54,20 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+# `ray start --head` options, one free loopback port each
+RAY_PORTS = (
+    "port",  # GCS
+    "dashboard-port",
+    "metrics-export-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "node-manager-port",
+    "object-manager-port",
+    "runtime-env-agent-port",
+    "ray-client-server-port",
+)
+
+
 class RayHead:
     """A single-node Ray cluster on loopback, owned by one test module."""
 
@@ -78,30 +92,23 @@ class RayHead:
         self.env.update(env or {})
 
     def _pick_ports(self) -> None:
-        ports = free_ports(9)
-        (
-            self.gcs_port,
-            self.dashboard_port,
-            self.metrics_port,
-            agent_listen,
-            agent_grpc,
-            node_manager,
-            object_manager,
-            runtime_env_agent,
-            client_server,
-        ) = ports
-        self._ports = dict(
-            agent_listen=agent_listen,
-            agent_grpc=agent_grpc,
-            node_manager=node_manager,
-            object_manager=object_manager,
-            runtime_env_agent=runtime_env_agent,
-            client_server=client_server,
-        )
+        self._ports = dict(zip(RAY_PORTS, free_ports(len(RAY_PORTS))))
         # Worker ports below Linux's ephemeral range (outgoing connections cannot take them)
         # and away from Ray's default 10002-19999 used by other tests' clusters.
         lo = random.randrange(20000, 31000)
         self.worker_ports = (lo, lo + 200)
+
+    @property
+    def gcs_port(self) -> int:
+        return self._ports["port"]
+
+    @property
+    def dashboard_port(self) -> int:
+        return self._ports["dashboard-port"]
+
+    @property
+    def metrics_port(self) -> int:
+        return self._ports["metrics-export-port"]
 
     @property
     def address(self) -> str:
@@ -136,15 +143,7 @@ class RayHead:
             "--head",
             "--node-ip-address=127.0.0.1",
             "--dashboard-host=127.0.0.1",
-            f"--port={self.gcs_port}",
-            f"--dashboard-port={self.dashboard_port}",
-            f"--metrics-export-port={self.metrics_port}",
-            f"--dashboard-agent-listen-port={self._ports['agent_listen']}",
-            f"--dashboard-agent-grpc-port={self._ports['agent_grpc']}",
-            f"--node-manager-port={self._ports['node_manager']}",
-            f"--object-manager-port={self._ports['object_manager']}",
-            f"--runtime-env-agent-port={self._ports['runtime_env_agent']}",
-            f"--ray-client-server-port={self._ports['client_server']}",
+            *(f"--{flag}={port}" for flag, port in self._ports.items()),
             f"--min-worker-port={lo}",
             f"--max-worker-port={hi}",
             f"--temp-dir={self.temp_dir}",
