@@ -42,6 +42,26 @@ def _repo_text(out: Path) -> Path:
     return corpus
 
 
+def repo_text_dataset(work: Path, seq_len: int) -> str:
+    """The URL of the repository's own text prepared at ``seq_len`` under ``work`` (once)."""
+    from sparse_transformer.data import prepare
+
+    corpus = work / "corpus.txt"
+    if not corpus.exists():
+        _repo_text(work)
+    url = f"file://{work}/text-{seq_len}"
+    prepare("text", url, path=str(corpus), seq_len=seq_len, overwrite=False)
+    return url
+
+
+def read_history(cfg: Any) -> list[dict[str, Any]]:
+    """Every metrics record rank 0 wrote for the run of ``cfg`` (metrics.jsonl)."""
+    from sparse_transformer.distributed.trainer import local_state_dir
+
+    text = (local_state_dir(cfg) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
 def bench_overrides(
     name: str,
     steps: int,
@@ -81,17 +101,13 @@ def bench_overrides(
 def bench(name: str, overrides: list[str]) -> dict:
     """Train config ``name`` with ``overrides`` (see :func:`bench_overrides`); the figures."""
     from sparse_transformer.distributed.config import load_config
-    from sparse_transformer.distributed.trainer import local_state_dir, run_training
+    from sparse_transformer.distributed.trainer import run_training
 
     cfg = load_config(name, overrides)
     start = time.time()
     summary = run_training(cfg, verbose=False)
     wall = time.time() - start
-    hist = [
-        json.loads(line)
-        for line in (local_state_dir(cfg) / "metrics.jsonl").read_text().splitlines()
-    ]
-    train = [m for m in hist if "loss_bits" in m]
+    train = [m for m in read_history(cfg) if "loss_bits" in m]
     tps = [m["tokens_per_second"] for m in train[1:]] or [train[0]["tokens_per_second"]]
     return {
         "config": name,
@@ -135,20 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         print("train_gpu: needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
         return 2
     precision, use_gpu = ("fp32", False) if args.cpu_smoke else ("fp16", True)
-    from sparse_transformer.data import prepare
+    from sparse_transformer.model import load_model_config
 
     work = Path(tempfile.mkdtemp(prefix="st-bench-"))
-    corpus = None
     results: list[dict[str, Any]] = []
     for name in args.configs.split(","):
-        url = getattr(args, f"{name}_url", "")
-        if not url:
-            from sparse_transformer.model import load_model_config
-
-            corpus = corpus or _repo_text(work)
-            n = load_model_config(name).n_ctx
-            url = f"file://{work}/text-{n}"
-            prepare("text", url, path=str(corpus), seq_len=n, overwrite=False)
+        url = getattr(args, f"{name}_url", "") or repo_text_dataset(
+            work, load_model_config(name).n_ctx
+        )
         batch = getattr(args, f"batch_{name.replace('-', '_')}", None)
         if batch is None:
             p.error(f"no batch size option for config {name!r} (have enwik8, cifar10, tiny)")

@@ -38,7 +38,7 @@ from typing import Any
 from sparse_transformer.model.config import SparseTransformerConfig, configs_dir
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-USE_GPU = ("auto", "true", "false")
+TRISTATE = ("auto", "true", "false")
 REDACTED = "***"
 _SECRET_WORDS = ("secret", "key", "token", "password", "passwd", "credential")
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
@@ -123,12 +123,16 @@ class TrainSection:
     """... on this rank, only in the first attempt of the run (a marker file remembers)."""
     fault_target: str = "worker"
     """worker: the worker process exits; driver: it SIGKILLs the driver (whole-job restart)."""
-    fault_nan_step: int = -1
-    """Fault injection: the loss of this step becomes NaN on every rank (-1: never)."""
+    fault_overflow_step: int = -1
+    """Fault injection: this step's backward gets an infinite loss on every rank, so its
+    gradients overflow (fp16: DeepSpeed skips the step and lowers the loss scale; fp32:
+    the non-finite guard skips it); the reported loss is the real one (-1: never)."""
     record_batches: bool = False
     """Append a digest of every batch each rank consumes to <run>/batches/rank{r}.jsonl."""
     deterministic: bool = False
-    """torch.use_deterministic_algorithms (bitwise-reproducible runs)."""
+    """Bitwise-reproducible runs: torch.use_deterministic_algorithms, cuBLAS's fixed
+    workspace, and the Triton attention kernels at fixed launch configurations instead of
+    the ones Triton's autotuner times in each process."""
     torch_threads: int = 0
     """torch.set_num_threads in each worker; 0: the worker's CPUs."""
 
@@ -164,8 +168,10 @@ class RunSection:
     """Checkpoints kept (CheckpointConfig)."""
     ray_address: str = "local"
     """``local`` starts a Ray instance on 127.0.0.1; ``auto`` or ray://... joins a cluster."""
-    dashboard: bool = True
-    """Start the Ray dashboard (on 127.0.0.1) with a local instance."""
+    dashboard: bool | str = "auto"
+    """The Ray dashboard (on 127.0.0.1) of a local instance: auto (start it when Ray's
+    dashboard packages are installed, say once that it is off otherwise), true (insist:
+    fail without them) or false."""
     num_cpus: int = 0
     """CPUs of a local Ray instance; 0: what the machine has."""
 
@@ -305,6 +311,15 @@ def _positive(path: str, value: float, *, zero_ok: bool = False) -> None:
         raise ConfigError(f"{path}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
 
 
+def _tristate(path: str, value: bool | str) -> str:
+    """auto, true or false (YAML booleans become "true"/"false")."""
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    if value not in TRISTATE:
+        raise ConfigError(f"{path}: expected one of {TRISTATE}, got {value!r}")
+    return value
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks; raises :class:`ConfigError` naming the field."""
     d, t, s, r = cfg.data, cfg.train, cfg.scaling, cfg.run
@@ -349,10 +364,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.zero_stage: expected 0, 1, 2 or 3, got {t.zero_stage}")
     if t.fault_target not in ("worker", "driver"):
         raise ConfigError(f"train.fault_target: expected worker or driver, got {t.fault_target!r}")
-    if isinstance(s.use_gpu, bool):
-        s.use_gpu = "true" if s.use_gpu else "false"
-    if s.use_gpu not in USE_GPU:
-        raise ConfigError(f"scaling.use_gpu: expected one of {USE_GPU}, got {s.use_gpu!r}")
+    s.use_gpu = _tristate("scaling.use_gpu", s.use_gpu)
+    r.dashboard = _tristate("run.dashboard", r.dashboard)
     if s.use_gpu == "false" and t.precision == "fp16":
         raise ConfigError("train.precision: fp16 needs GPUs (scaling.use_gpu=false); use fp32/bf16")
     if s.min_workers > s.num_workers:

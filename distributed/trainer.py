@@ -161,29 +161,90 @@ def prepare_data(cfg: Config) -> str:
     return url
 
 
-def init_ray(cfg: Config) -> bool:
-    """Start (``run.ray_address=local``) or join Ray; True when this call started it."""
+def dashboard_dependency_error() -> str | None:
+    """Why Ray's dashboard cannot start here (its packages, ``ray[default]``), or None."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401 - what Ray itself checks
+    except ImportError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def include_dashboard(cfg: Config) -> bool | None:
+    """``include_dashboard`` for ``ray.init`` from ``run.dashboard``.
+
+    auto: None (Ray's own default: start it) when its packages are there, else False and
+    one line saying so; true: True, or a :class:`ConfigError` naming what is missing (Ray
+    would raise a bare "Cannot include dashboard with missing packages"); false: False.
+    """
+    setting = cfg.run.dashboard
+    if setting == "false":
+        return False
+    missing = dashboard_dependency_error()
+    if setting == "true":
+        if missing:
+            raise ConfigError(
+                f"run.dashboard: true, but Ray's dashboard cannot start here ({missing}); "
+                "install ray[default], or set run.dashboard=auto to train without it"
+            )
+        return True
+    if missing:
+        print(
+            f"[train] Ray dashboard off: its packages are missing ({missing}); install "
+            "ray[default] to have it (run.dashboard=auto)",
+            flush=True,
+        )
+        return False
+    return None
+
+
+@dataclass
+class RayInstance:
+    """What :func:`init_ray` did: whether it started Ray, and where to watch it."""
+
+    started: bool
+    dashboard_url: str | None = None
+    metrics_url: str | None = None
+
+
+def _metrics_url() -> str | None:
+    """The Prometheus endpoint of this process's local Ray node (None if unknown)."""
+    import ray
+
+    node = getattr(getattr(ray, "_private", None), "worker", None)
+    node = getattr(getattr(node, "global_worker", None), "node", None)
+    port = getattr(node, "metrics_export_port", None)
+    return f"http://127.0.0.1:{port}/metrics" if port else None
+
+
+def init_ray(cfg: Config) -> RayInstance:
+    """Start (``run.ray_address=local``) or join Ray, unless this process already has."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return RayInstance(started=False)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = ray_environment()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
-    if cfg.run.ray_address == "local":
-        ray.init(
-            address="local",
-            num_cpus=cfg.run.num_cpus or None,
-            include_dashboard=cfg.run.dashboard,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": env},
-            log_to_driver=True,
-        )
-    else:
+    if cfg.run.ray_address != "local":
         ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": env})
-    return True
+        return RayInstance(started=True)
+    context = ray.init(
+        address="local",
+        num_cpus=cfg.run.num_cpus or None,
+        include_dashboard=include_dashboard(cfg),
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        runtime_env={"env_vars": env},
+        log_to_driver=True,
+    )
+    url = getattr(context, "dashboard_url", None)  # "127.0.0.1:8265", or None without it
+    return RayInstance(
+        started=True,
+        dashboard_url=f"http://{url}" if url else None,
+        metrics_url=_metrics_url(),
+    )
 
 
 def use_gpu(cfg: Config) -> bool:
@@ -262,12 +323,12 @@ def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
     check_storage(cfg)
     import ray
 
-    started = init_ray(cfg)
+    instance = init_ray(cfg)
     try:
-        if verbose and started and cfg.run.dashboard and cfg.run.ray_address == "local":
-            ctx = ray.get_runtime_context()
-            url = getattr(ctx, "dashboard_url", None) or ""
-            print(f"[train] Ray dashboard: http://{url or '127.0.0.1:8265'}", flush=True)
+        if verbose and instance.dashboard_url:
+            print(f"[train] Ray dashboard: {instance.dashboard_url}", flush=True)
+        if verbose and instance.metrics_url:
+            print(f"[train] Prometheus metrics: {instance.metrics_url}", flush=True)
         trainer = build_trainer(cfg)
         try:
             result = trainer.fit()
@@ -281,7 +342,7 @@ def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
             metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir(cfg)
         )
     finally:
-        if started:
+        if instance.started:
             ray.shutdown()
 
 
@@ -289,8 +350,11 @@ __all__ = [
     "ConfigError",
     "StorageError",
     "TrainSummary",
+    "RayInstance",
     "TrainingError",
     "build_trainer",
+    "include_dashboard",
+    "init_ray",
     "check_storage",
     "prepare_data",
     "run_training",

@@ -13,7 +13,10 @@ the latest checkpoint from ``ray.train.get_checkpoint()``, so a restarted group
 
 Metrics go to ``ray.train.report`` (every ``train.log_every`` steps), to
 ``ray.util.metrics`` gauges (rank 0, tag ``run``) and to TensorBoard events in
-the run folder; rank 0 prints a progress line that Ray forwards to the driver.
+the run folder; rank 0 writes a progress line that Ray forwards to the driver.
+Losses are summed on the training device and read once per log window; every
+collective goes through :mod:`sparse_transformer.distributed.collectives`, which
+hands the backend (gloo or NCCL) a tensor on a device it takes.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -34,25 +39,14 @@ from typing import Any
 import torch
 
 from sparse_transformer.distributed import checkpoint as ckpt_io
+from sparse_transformer.distributed import collectives
 from sparse_transformer.distributed.config import (
     Config,
     deepspeed_config,
     dump_yaml,
     resolve_precision,
 )
-
-METRIC_NAMES = {
-    "loss_bits": "Training loss, bits per dim/byte (mean over ranks since the last report)",
-    "learning_rate": "Learning rate of the last step",
-    "loss_scale": "Dynamic fp16 loss scale (1 without fp16)",
-    "skipped_steps": "Optimizer steps skipped: fp16 overflow or non-finite gradients (total)",
-    "grad_norm": "Global gradient norm before clipping",
-    "tokens_per_second": "Training tokens per second over all workers",
-    "samples_per_second": "Training samples per second over all workers",
-    "data_wait_fraction": "Fraction of step time spent waiting for data (rank 0)",
-    "peak_memory_bytes": "Peak device memory of rank 0 (CUDA allocator, else process RSS)",
-    "step": "Optimizer steps done",
-}
+from sparse_transformer.distributed.monitoring import METRIC_NAMES, gauge_name
 
 
 class _Exporter:
@@ -63,7 +57,7 @@ class _Exporter:
 
         self.tags = {"run": run}
         self.gauges = {
-            k: Gauge(f"sparse_transformer_{k}", description=d, tag_keys=("run",))
+            k: Gauge(gauge_name(k), description=d, tag_keys=("run",))
             for k, d in METRIC_NAMES.items()
         }
         self.writer = None
@@ -87,6 +81,24 @@ class _Exporter:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _console() -> logging.Logger:
+    """The logger of rank 0's progress lines: one plain stdout handler, not propagated.
+
+    Ray Train patches ``print`` in its workers to log through the root logger and, as
+    Ray wraps the worker's stdout, also to print the line itself: every printed line
+    reached the driver twice. This logger writes each line once, to the stdout that Ray
+    forwards to the driver.
+    """
+    log = logging.getLogger("sparse_transformer.train")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -121,9 +133,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         ) from err
 
 
-def _universal_copy(
-    stack: contextlib.ExitStack, cdir: str, key: str, local_rank: int, dist: Any
-) -> Path:
+def _universal_copy(stack: contextlib.ExitStack, cdir: str, key: str, local_rank: int) -> Path:
     """DeepSpeed's universal form of checkpoint ``cdir``, converted once per node.
 
     Local rank 0 converts into a node-local folder named after the checkpoint; the other
@@ -135,10 +145,10 @@ def _universal_copy(
     if local_rank == 0:
         shutil.rmtree(out, ignore_errors=True)
         ckpt_io.to_universal(cdir, out)
-    dist.barrier()
+    collectives.barrier()
 
     def cleanup() -> None:
-        dist.barrier()  # every rank has loaded
+        collectives.barrier()  # every rank has loaded
         if local_rank == 0:
             shutil.rmtree(out, ignore_errors=True)
 
@@ -159,7 +169,6 @@ def _build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
 def _train(loop_config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
-    import torch.distributed as dist
 
     from sparse_transformer.data import StreamingDataset
     from sparse_transformer.model import generate, nats_to_bits
@@ -168,6 +177,12 @@ def _train(loop_config: dict[str, Any]) -> None:
     t, d = cfg.train, cfg.data
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    console = _console()
+    if t.deterministic:
+        # before the first matmul creates cuBLAS's workspace; the Triton attention kernels
+        # also launch at fixed configurations instead of timing-based autotuned ones
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     on_gpu = torch.cuda.is_available() and loop_config.get("use_gpu", False)
     if on_gpu:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -175,9 +190,6 @@ def _train(loop_config: dict[str, Any]) -> None:
         device = torch.device("cpu")
     if t.torch_threads:
         torch.set_num_threads(t.torch_threads)
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     precision = resolve_precision(cfg, on_gpu)
 
     restored = ray.train.get_checkpoint()
@@ -197,13 +209,12 @@ def _train(loop_config: dict[str, Any]) -> None:
         if cdir is not None:
             load_dir = cdir
             if universal:
-                load_dir = _universal_copy(stack, cdir, restored.path, ctx.get_local_rank(), dist)
+                load_dir = _universal_copy(stack, cdir, restored.path, ctx.get_local_rank())
                 if rank == 0:
-                    print(
+                    console.info(
                         f"[train] checkpoint of world size {meta['world_size']} (ZeRO stage "
                         f"{meta.get('zero_stage', 0)}) resumed on {world} worker(s) (ZeRO stage "
-                        f"{t.zero_stage}) through DeepSpeed's universal format",
-                        flush=True,
+                        f"{t.zero_stage}) through DeepSpeed's universal format"
                     )
             load_path, _ = engine.load_checkpoint(
                 str(load_dir),
@@ -252,7 +263,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         else:  # elastic restart with another world size: a fresh, deterministic stream
             torch.manual_seed(t.seed + 1000 * (rank + 1) + step)
         if rank == 0:
-            print(f"[train] resumed from step {step} ({restored.path})", flush=True)
+            console.info(f"[train] resumed from step {step} ({restored.path})")
 
     # -- fault injection (tests) --------------------------------------------------------------
     marker = loop_config.get("fault_marker")
@@ -299,7 +310,7 @@ def _train(loop_config: dict[str, Any]) -> None:
 
     def _evaluate() -> float:
         engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nats, tokens)
         val_ds.reset()
         for i, batch in enumerate(val_ds.loader()):
             if t.eval_batches and i >= t.eval_batches:
@@ -307,11 +318,11 @@ def _train(loop_config: dict[str, Any]) -> None:
             batch = batch.to(device)
             targets = batch_targets(batch)
             _, loss = engine(batch, targets)
-            n = int((targets >= 0).sum())
-            total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+            n = (targets >= 0).sum().double()
+            total += torch.stack([loss.double() * n, n])
         engine.train()
-        dist.all_reduce(total)
-        return float(nats_to_bits(total[0] / total[1])) if total[1] > 0 else float("nan")
+        nats, tokens = collectives.all_reduce(total).tolist()  # one read per evaluation
+        return float(nats_to_bits(nats / tokens)) if tokens > 0 else float("nan")
 
     def save(step: int, metrics: dict[str, Any]) -> None:
         tmp = tempfile.mkdtemp(prefix=f"st-ckpt-{step:08d}-r{rank}-")
@@ -370,7 +381,9 @@ def _train(loop_config: dict[str, Any]) -> None:
         finally:
             torch.set_rng_state(rng)
 
-    win_loss = torch.zeros(2, dtype=torch.float64)
+    # the log window: the sum of the micro-batch losses stays on the device until it is read
+    win_loss = torch.zeros((), dtype=torch.float64, device=device)
+    win_micro = 0
     # DeepSpeed skips and counts fp16 overflows; fp32 with ZeRO 0 gets the same guard here.
     guard = precision == "fp32" and t.zero_stage == 0
     win_time = win_wait = 0.0
@@ -391,12 +404,12 @@ def _train(loop_config: dict[str, Any]) -> None:
         targets = batch_targets(batch)
         will_log = (step + 1) % t.log_every == 0 or step + 1 == t.steps
         skip = False
-        step_loss = torch.zeros(2, dtype=torch.float64)
         for i in range(t.grad_accum):
             x, y = batch[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
             _, loss = engine(x, y)
-            if step == t.fault_nan_step:
-                loss = loss * float("nan")  # fault injection: a non-finite step
+            win_loss += loss.detach()
+            if step == t.fault_overflow_step:
+                loss = loss * float("inf")  # fault injection: gradients overflow, loss as is
             engine.backward(loss)
             if i + 1 == t.grad_accum and (guard or will_log):
                 grad_norm = _grad_norm(engine)  # the all-reduced gradients: same on every rank
@@ -405,25 +418,25 @@ def _train(loop_config: dict[str, Any]) -> None:
                 _skipped_step(engine)
             else:
                 engine.step()
-            step_loss += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
+        win_micro += t.grad_accum
         if skip:
             skipped_nonfinite += 1
             if rank == 0:
-                print(f"[train] step {step + 1}: non-finite gradients, step skipped", flush=True)
-        else:
-            win_loss += step_loss
+                console.info(f"[train] step {step + 1}: non-finite gradients, step skipped")
         step += 1
-        win_time += time.perf_counter() - t0
         win_wait += wait
         win_steps += 1
 
         metrics: dict[str, Any] | None = None
         if will_log:
-            dist.all_reduce(win_loss)
+            window = torch.stack([win_loss, win_loss.new_tensor(win_micro)])
+            nats, count = collectives.all_reduce(window).tolist()  # the window's one read
+            # step times are the host's; this one includes waiting for the device's queue
+            win_time += time.perf_counter() - t0
             tokens = win_steps * d.global_batch_size * cfg.seq_len
             metrics = {
                 "step": step,
-                "loss_bits": float(nats_to_bits(win_loss[0] / win_loss[1])),
+                "loss_bits": float(nats_to_bits(nats / count)),
                 "learning_rate": float(scheduler.get_last_lr()[0]) if scheduler else t.lr,
                 "loss_scale": _loss_scale(engine, precision),
                 "skipped_steps": int(engine.skipped_steps) + skipped_nonfinite,
@@ -434,8 +447,11 @@ def _train(loop_config: dict[str, Any]) -> None:
                 "peak_memory_bytes": _peak_memory(device),
             }
             win_loss.zero_()
+            win_micro = 0
             win_time = win_wait = 0.0
             win_steps = 0
+        else:
+            win_time += time.perf_counter() - t0
         do_eval = step == t.steps or (t.eval_every and step % t.eval_every == 0)
         do_ckpt = step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0)
         if do_eval:
@@ -447,9 +463,12 @@ def _train(loop_config: dict[str, Any]) -> None:
             with open(history, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if "loss_bits" in metrics:
-                print(_progress(step, t.steps, metrics), flush=True)
+                console.info(_progress(step, t.steps, metrics))
             if "val_loss_bits" in metrics:
-                print(f"[train] step {step}: validation {last_val:.4f} bits/byte", flush=True)
+                console.info(f"[train] step {step}: validation {last_val:.4f} bits/byte")
+        if step == t.steps and rank == 0 and (launch := _attention_launch_configs()):
+            metrics = metrics or {"step": step}
+            metrics["attention_launch_configs"] = launch
         if step == t.steps and t.sample_length > 0 and (rank == 0 or t.zero_stage == 3):
             # ZeRO-3 gathers parameters collectively in every forward: all ranks run the
             # same (seeded, hence identical) decoding in lockstep; rank 0 keeps the text.
@@ -464,6 +483,13 @@ def _train(loop_config: dict[str, Any]) -> None:
     if exporter is not None:
         exporter.close()
     del loader_iter
+
+
+def _attention_launch_configs() -> dict[str, list[str]] | None:
+    """What Triton's autotuner chose for the attention kernels in this process (None when
+    they never ran here): a run that resumes in another process may choose otherwise."""
+    kernels = sys.modules.get("sparse_transformer.ops.triton_attention")
+    return kernels.autotuned_configs() if kernels is not None else None
 
 
 def _skipped_step(engine: Any) -> None:

@@ -15,6 +15,8 @@ import torch
 
 from sparse_transformer.model.transformer import SparseTransformer
 
+_UNIT = 2.0**52  # fixed-point unit of the nucleus scan
+
 
 def sample_logits(
     logits: torch.Tensor,
@@ -37,8 +39,11 @@ def sample_logits(
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V) each
-        before = sorted_p.cumsum(-1) - sorted_p  # mass of the more likely tokens
-        sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # outside the nucleus
+        # the mass of the more likely tokens, as an integer scan in units of 2**-52: exact,
+        # and allowed under torch.use_deterministic_algorithms (CUDA's float cumsum is not)
+        units = (sorted_p.double() * _UNIT).round().long()  # (B, V)
+        before = units.cumsum(-1) - units
+        sorted_p = sorted_p.masked_fill(before >= round(top_p * _UNIT), 0.0)  # outside
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator)  # (B, 1)
 

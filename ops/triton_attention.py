@@ -344,9 +344,25 @@ def _tuned(kernel):
     return triton.autotune(configs=_TUNE_CONFIGS, key=_TUNE_KEY)(kernel)
 
 
-_fwd = _tuned(_fwd_kernel)
-_bwd_dq = _tuned(_bwd_dq_kernel)
-_bwd_dkdv = _tuned(_bwd_dkdv_kernel)
+_TUNED = {k: _tuned(k) for k in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel)}
+
+
+def _launcher(kernel):
+    """The autotuned launcher of ``kernel``, or the kernel at its fixed default
+    configuration under ``torch.use_deterministic_algorithms``: the autotuner picks a
+    configuration by timing in each process, and configurations may round differently,
+    so a restarted process could compute other bits (PyTorch's Inductor likewise stops
+    autotuning in deterministic mode)."""
+    return kernel if torch.are_deterministic_algorithms_enabled() else _TUNED[kernel]
+
+
+def autotuned_configs() -> dict[str, list[str]]:
+    """The launch configuration the autotuner chose for each kernel and key, this process."""
+    out = {}
+    for kernel, tuned in _TUNED.items():
+        cache = getattr(tuned, "cache", {})
+        out[kernel.fn.__name__] = sorted(f"{key}: {cfg}" for key, cfg in cache.items())
+    return out
 
 
 def supports(q: torch.Tensor, layout: BlockLayout) -> bool:
@@ -380,7 +396,7 @@ def _fwd_impl(q, k, v, layout: BlockLayout, scale: float):
     for k0, k1, perm, heads in plan["sigs"]:
         hs = heads.numel()
         grid = (layout.n_qblocks, b * hs)
-        _fwd[grid](
+        _launcher(_fwd_kernel)[grid](
             q, k, v, out, lse,
             heads, layout.head_group, plan["params"],
             layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
@@ -402,7 +418,7 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
     dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
     for k0, k1, perm, heads in plan["sigs"]:
         hs = heads.numel()
-        _bwd_dq[(layout.n_qblocks, b * hs)](
+        _launcher(_bwd_dq_kernel)[(layout.n_qblocks, b * hs)](
             q, k, v, dout, dq, lse, delta,
             heads, layout.head_group, plan["params"],
             layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
@@ -414,7 +430,7 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
             dq.stride(0), dq.stride(1), dq.stride(2),
             D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1, PERMUTED=perm,
         )  # fmt: skip
-        _bwd_dkdv[(layout.n_kblocks, b * hs)](
+        _launcher(_bwd_dkdv_kernel)[(layout.n_kblocks, b * hs)](
             q, k, v, dout, dk, dv, lse, delta,
             heads, layout.head_group, plan["params"],
             layout.k2q_indptr, layout.k2q_index, layout.k2q_full,
@@ -515,6 +531,7 @@ def triton_sparse_attention(
 
 __all__ = [
     "SUPPORTED_HEAD_DIMS",
+    "autotuned_configs",
     "block_sparse_attn_bwd",
     "block_sparse_attn_fwd",
     "supports",

@@ -10,68 +10,36 @@ actor (as the trainer's rank 0 does), which pins down the path from
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
 from sparse_transformer.distributed import submit as sub
+from sparse_transformer.distributed.monitoring import (
+    METRIC_NAMES,
+    Samples,
+    implausible,
+    prometheus_name,
+    run_values,
+    scrape,
+)
 from tests.test_submit import RayHead, ray_head, reset_ray_token_cache
 
-#: The trainer's gauges (distributed/worker.py), as Prometheus shows them.
-TRAINING_METRICS = (
-    "loss_bits",
-    "learning_rate",
-    "loss_scale",
-    "skipped_steps",
-    "grad_norm",
-    "tokens_per_second",
-    "samples_per_second",
-    "data_wait_fraction",
-    "peak_memory_bytes",
-    "step",
-)
+TRAINING_METRICS = tuple(METRIC_NAMES)  # the trainer's gauges (distributed/worker.py)
 
 
-def prometheus_name(key: str) -> str:
-    return f"ray_sparse_transformer_{key}"
-
-
-def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """``{metric name: [(labels, value), ...]}`` from a Prometheus text endpoint."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
-    return out
-
-
-def latest(samples: dict[str, list[tuple[dict[str, str], float]]], key: str, run: str) -> float:
-    values = [v for labels, v in samples.get(prometheus_name(key), []) if labels.get("run") == run]
-    assert values, f"{prometheus_name(key)}{{run={run!r}}} not exported"
-    return values[-1]
+def latest(samples: Samples, key: str, run: str) -> float:
+    values = run_values(samples, run)
+    assert key in values, f"{prometheus_name(key)}{{run={run!r}}} not exported"
+    return values[key]
 
 
 def check_sane(values: dict[str, float], *, on_gpu: bool = False) -> None:
     """Plausible values for a byte-level model training (CPU unless ``on_gpu``)."""
-    for k, v in values.items():
-        assert math.isfinite(v), (k, v)
-    assert 0 < values["loss_bits"] < 16  # bits per byte: at most ~8 at init, > 0
-    assert 0 < values["learning_rate"] < 1
-    assert values["loss_scale"] >= 1 if on_gpu else values["loss_scale"] > 0
-    assert values["skipped_steps"] >= 0 and values["skipped_steps"] == int(values["skipped_steps"])
-    assert values["grad_norm"] > 0
-    assert values["tokens_per_second"] > 0 and values["samples_per_second"] > 0
-    assert 0 <= values["data_wait_fraction"] <= 1
-    assert values["peak_memory_bytes"] >= 0
-    assert values["step"] >= 1 and values["step"] == int(values["step"])
+    problems = implausible(values, on_gpu=on_gpu)
+    assert not problems, problems
 
 
 @pytest.fixture(scope="module")

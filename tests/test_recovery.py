@@ -4,7 +4,8 @@
    ``train.fault_step``/``train.fault_rank``); Ray Train restarts the group
    (``run.max_failures=1``) from the step-8 checkpoint.
 2. The driver is killed mid-run (SIGKILL from rank 0 at step 13, ``train.fault_target=
-   driver``); the same command, relaunched with the same name and storage, resumes.
+   driver``); the same command, relaunched with the same name and storage, resumes, and
+   each of its progress lines reaches the driver's output once.
 
 In both cases the final parameters are bitwise equal to those of an uninterrupted run,
 and the batches that count (the last read of each (step, rank)) are the same ones.
@@ -89,7 +90,12 @@ def test_killed_driver_relaunch_resumes_bitwise(
     doc["train"]["sample_length"] = 0
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(doc))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_DEDUP_LOGS": "0",  # Ray would fold repeated lines; show each one as written
+    }
     cmd = [sys.executable, "-m", "sparse_transformer", "train", "--config", str(config)]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == -9, first.stdout[-3000:] + first.stderr[-3000:]  # SIGKILL
@@ -100,6 +106,13 @@ def test_killed_driver_relaunch_resumes_bitwise(
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from step 8" in second.stdout + second.stderr
+    # each progress line reaches the driver once (Ray Train's print patch doubled them)
+    progress = [
+        line.split("[train] ", 1)[1]
+        for line in (second.stdout + second.stderr).splitlines()
+        if "[train] step" in line
+    ]
+    assert progress and len(progress) == len(set(progress)), "\n".join(progress)
     final = latest_checkpoint(str(run_dir))
     assert verify_complete(final)["step"] == 24
     weights, expected_batches = baseline

@@ -169,7 +169,7 @@ def test_two_workers_train_resume_eval_sample(
     from sparse_transformer.distributed.checkpoint import verify_complete
     from sparse_transformer.distributed.trainer import run_training
 
-    cfg = small_config(tmp_path, small_dataset, "run", steps=16, fault_nan_step=5)
+    cfg = small_config(tmp_path, small_dataset, "run", steps=16, fault_overflow_step=5)
     cfg.run.storage_options = {"endpoint_url": "http://127.0.0.1:1", "secret": "hunter2-xyz"}
     summary = run_training(cfg, verbose=False)
     run_dir = tmp_path / "run"
@@ -178,7 +178,7 @@ def test_two_workers_train_resume_eval_sample(
     assert [m["step"] for m in h if "loss_bits" in m] == [4, 8, 12, 16]
     assert losses[-1] < losses[0] - 0.5, losses  # it learns (8 bits at the start)
     last = h[-1]
-    # the NaN step was skipped and counted, never applied
+    # the overflowed step was skipped and counted, never applied
     assert [m["skipped_steps"] for m in h if "loss_bits" in m] == [0, 1, 1, 1]
     assert all(math.isfinite(m["loss_bits"]) for m in h if "loss_bits" in m)
     assert all(torch.isfinite(w).all() for w in final_weights(summary.checkpoint).values())

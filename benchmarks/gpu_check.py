@@ -1,0 +1,575 @@
+"""GPU acceptance check: the GPU path end to end in one command, one line per check.
+
+    python -m sparse_transformer.benchmarks.gpu_check --json benchmarks/results/gpu_check.json
+
+On one CUDA GPU (about 6 minutes on an H200) it prints ``PASS``, ``FAIL`` or ``INFO``
+and a name and detail per check, then ``N passed, M failed``; it exits 0 only when
+every check passed. One local Ray instance (dashboard on, Prometheus endpoint on
+127.0.0.1) carries every training run, all through Ray Train + DeepSpeed in fp16
+with dynamic loss scaling and block recomputation, on the repository's own text:
+
+- ``kernels``: the Triton kernels against the fp32 reference by flash-attention's
+  rule (``ops.kernel_check``), a quick grid with n = 12,288 and 65,536, fp16 and bf16.
+- ``enwik8``: ZeRO stage 1. The loss falls with no skipped step after the first few;
+  a gradient overflow injected at one step halves the loss scale and is skipped and
+  counted; the worker is killed mid-run and Ray restarts the group, which resumes from
+  the last checkpoint; the gauges are scraped from Ray's Prometheus endpoint while it
+  trains; ``eval`` and ``sample`` read its last checkpoint on the GPU.
+- ``cifar10``: the 128-layer model with ZeRO stage 2: the loss falls, no skipped
+  steps after the first few.
+- ``determinism``: a killed-and-resumed run against an uninterrupted one (``tiny``,
+  fp16, ZeRO 1): bitwise or not by default (INFO, with the attention launch
+  configurations each chose and the ops PyTorch flags as nondeterministic), and
+  bitwise under ``train.deterministic`` (checked).
+
+``--cpu-smoke`` runs the same sections on the CPU (fp32, gloo, small models, the
+PyTorch attention backend standing in for the kernels) to check this script's
+plumbing; its figures mean nothing. ``--only`` picks sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SECTIONS = ("kernels", "enwik8", "cifar10", "determinism")
+
+
+# -- reporting ------------------------------------------------------------------------------
+@dataclass
+class Report:
+    """The checks made so far; each prints its line as it is recorded."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    start: float = field(default_factory=time.monotonic)
+
+    def _line(self, status: str, name: str, detail: str) -> None:
+        elapsed = time.monotonic() - self.start
+        self.rows.append(
+            {"status": status, "check": name, "detail": detail, "t_s": round(elapsed, 1)}
+        )
+        print(f"{status:4} {name}: {detail}  [{elapsed:.0f} s]", flush=True)
+
+    def check(self, name: str, ok: bool, detail: str) -> bool:
+        self._line("PASS" if ok else "FAIL", name, detail)
+        return ok
+
+    def info(self, name: str, detail: str) -> None:
+        self._line("INFO", name, detail)
+
+    @contextlib.contextmanager
+    def guard(self, name: str) -> Iterator[None]:
+        """A section: an exception fails it with its message and the others still run."""
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - reported as a failed check
+            tail = traceback.format_exc().strip().splitlines()[-12:]
+            self.check(name, False, f"{type(err).__name__}: {err}\n    " + "\n    ".join(tail))
+
+    @property
+    def passed(self) -> int:
+        return sum(r["status"] == "PASS" for r in self.rows)
+
+    @property
+    def failed(self) -> int:
+        return sum(r["status"] == "FAIL" for r in self.rows)
+
+
+# -- the training runs ----------------------------------------------------------------------
+@dataclass
+class Plan:
+    """One training run of a check: the config, its size and the faults injected."""
+
+    config: str
+    batch: int
+    steps: int
+    zero_stage: int
+    checkpoint_every: int = 0
+    kill_at: int = -1  # the worker dies before this step (0-based) in the first attempt
+    overflow_at: int = -1  # this step's gradients overflow (0-based)
+    model: list[str] = field(default_factory=list)  # model.* overrides (CPU smoke)
+    extra: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """A finished run: what the driver got back and what rank 0 logged."""
+
+    name: str
+    summary: Any
+    history: list[dict[str, Any]]
+    local_dir: Path
+    wall_s: float
+
+    def steps(self) -> dict[int, dict[str, Any]]:
+        """The last training record of each step (a resumed run logs some steps twice)."""
+        return {m["step"]: m for m in self.history if "loss_bits" in m}
+
+
+@dataclass
+class Env:
+    """What every run of this check shares."""
+
+    work: Path
+    gpu: bool
+    metrics_url: str | None = None
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpu else "cpu"
+
+
+def _overrides(env: Env, plan: Plan, url: str, name: str, deterministic: bool) -> list[str]:
+    from sparse_transformer.benchmarks.train_gpu import bench_overrides
+
+    base = bench_overrides(
+        plan.config,
+        plan.steps,
+        plan.batch,
+        url,
+        env.work / "runs",
+        "auto" if env.gpu else "torch",
+        precision="fp16" if env.gpu else "fp32",
+        use_gpu=env.gpu,
+    )
+    return [
+        *base,
+        *plan.model,
+        f"run.name={name}",
+        f"train.zero_stage={plan.zero_stage}",
+        "train.log_every=1",
+        f"train.checkpoint_every={plan.checkpoint_every or plan.steps}",
+        "train.hysteresis=1",  # the first overflow already halves the scale
+        f"train.fault_step={plan.kill_at}",
+        "train.fault_rank=0",
+        f"train.fault_overflow_step={plan.overflow_at}",
+        f"run.max_failures={1 if plan.kill_at >= 0 else 0}",
+        f"train.deterministic={'true' if deterministic else 'false'}",
+        *plan.extra,
+    ]
+
+
+def run_name(label: str) -> str:
+    """A fresh run name (each run of the check gets its own folder and metric tag)."""
+    return f"check-{label}-{uuid.uuid4().hex[:6]}"
+
+
+def train(env: Env, plan: Plan, name: str, *, deterministic: bool = False) -> Run:
+    """Train ``plan`` through Ray Train + DeepSpeed (Ray already started) and read it back."""
+    from sparse_transformer.benchmarks.train_gpu import read_history, repo_text_dataset
+    from sparse_transformer.distributed.config import load_config
+    from sparse_transformer.distributed.trainer import local_state_dir, run_training
+
+    probe = load_config(plan.config, plan.model)
+    url = repo_text_dataset(env.work, probe.seq_len)
+    cfg = load_config(plan.config, _overrides(env, plan, url, name, deterministic))
+    start = time.monotonic()
+    summary = run_training(cfg, verbose=False)
+    return Run(name, summary, read_history(cfg), local_state_dir(cfg), time.monotonic() - start)
+
+
+class Scraper(threading.Thread):
+    """Reads the trainer's gauges of one run from a Prometheus endpoint every second."""
+
+    def __init__(self, url: str, run: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.run_name = url, run
+        self.values: dict[str, float] = {}
+        self.scrapes = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from sparse_transformer.distributed.monitoring import run_values, scrape
+
+        while not self.done.wait(1.0):
+            with contextlib.suppress(OSError):
+                self.values.update(run_values(scrape(self.url), self.run_name))
+                self.scrapes += 1
+
+    def finish(self, wait_s: float) -> dict[str, float]:
+        """Keep scraping up to ``wait_s`` more seconds for gauges not seen yet."""
+        from sparse_transformer.distributed.monitoring import METRIC_NAMES
+
+        deadline = time.monotonic() + wait_s
+        while len(self.values) < len(METRIC_NAMES) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        self.done.set()
+        self.join(5)
+        return dict(self.values)
+
+
+# -- checks on a run ------------------------------------------------------------------------
+def check_learns(report: Report, label: str, run: Run, min_drop: float) -> None:
+    steps = run.steps()
+    losses = [steps[s]["loss_bits"] for s in sorted(steps)]
+    first, last = losses[0], sum(losses[-5:]) / len(losses[-5:])
+    report.check(
+        f"{label}: the loss falls",
+        all(math.isfinite(x) for x in losses) and last < first - min_drop,
+        f"{first:.3f} -> {last:.3f} bits/byte (mean of the last 5 of {len(losses)} steps; "
+        f"needs a drop of {min_drop}), {run.wall_s:.0f} s",
+    )
+
+
+def natural_overflows(run: Run, injected: int) -> list[int]:
+    """The steps (1-based) skipped other than the injected one."""
+    steps = run.steps()
+    out, before = [], 0
+    for s in sorted(steps):
+        now = steps[s]["skipped_steps"]
+        if now > before and s != injected + 1:
+            out.append(s)
+        before = now
+    return out
+
+
+def check_no_late_skips(report: Report, label: str, run: Run, plan: Plan, first_few: int) -> None:
+    late = [s for s in natural_overflows(run, plan.overflow_at) if s > first_few]
+    steps = run.steps()
+    report.check(
+        f"{label}: no skipped steps after the first {first_few}",
+        not late,
+        f"natural skips at steps {natural_overflows(run, plan.overflow_at) or 'none'}; loss "
+        f"scale {steps[max(steps)]['loss_scale']:g} at the end",
+    )
+
+
+def check_overflow(report: Report, label: str, run: Run, plan: Plan, fp16: bool) -> None:
+    steps = run.steps()
+    s = plan.overflow_at + 1
+    before, at = steps[s - 1], steps[s]
+    halved = at["loss_scale"] == before["loss_scale"] / 2 if fp16 else at["loss_scale"] == 1
+    counted = at["skipped_steps"] == before["skipped_steps"] + 1
+    goes_on = max(steps) == plan.steps and math.isfinite(steps[max(steps)]["loss_bits"])
+    report.check(
+        f"{label}: an injected gradient overflow is skipped, counted and the scale halves",
+        halved and counted and goes_on,
+        f"step {s}: loss scale {before['loss_scale']:g} -> {at['loss_scale']:g}, skipped "
+        f"{before['skipped_steps']} -> {at['skipped_steps']}; the run went on to step "
+        f"{max(steps)}",
+    )
+
+
+def resumed_from(run: Run) -> int | None:
+    """The step a restarted attempt resumed from: where the logged steps go back."""
+    logged = [m["step"] for m in run.history if "loss_bits" in m]
+    for prev, cur in zip(logged, logged[1:]):
+        if cur <= prev:
+            return cur - 1
+    return None
+
+
+def check_restart(report: Report, label: str, run: Run, plan: Plan) -> None:
+    from sparse_transformer.distributed.checkpoint import verify_complete
+
+    expected = plan.kill_at // plan.checkpoint_every * plan.checkpoint_every
+    marker = run.local_dir / ".fault-injected"
+    final = verify_complete(run.summary.checkpoint)["step"] if run.summary.checkpoint else None
+    got = resumed_from(run)
+    report.check(
+        f"{label}: a worker killed mid-run is restarted by Ray and resumes from its checkpoint",
+        marker.exists() and got == expected and final == plan.steps,
+        f"killed before step {plan.kill_at + 1} (fault marker "
+        f"{'written' if marker.exists() else 'missing'}), resumed from step {got} (last "
+        f"checkpoint: {expected}), final checkpoint at step {final}",
+    )
+
+
+def check_prometheus(report: Report, label: str, values: dict[str, float], env: Env) -> None:
+    from sparse_transformer.distributed.monitoring import implausible
+
+    problems = implausible(values, on_gpu=env.gpu)
+    shown = ", ".join(
+        f"{k}={values[k]:.4g}" for k in ("step", "loss_bits", "loss_scale") if k in values
+    )
+    report.check(
+        f"{label}: training gauges scraped from Ray's Prometheus endpoint",
+        not problems,
+        f"{len(values)} gauges at {env.metrics_url} ({shown})"
+        + (f"; implausible: {problems}" if problems else ""),
+    )
+
+
+def _cli(argv: list[str]) -> str:
+    """What ``sparse-transformer ARGV`` prints (run in this process)."""
+    from sparse_transformer.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    if code != 0:
+        raise RuntimeError(f"sparse-transformer {' '.join(argv)} exited {code}")
+    return out.getvalue()
+
+
+def check_eval_and_sample(report: Report, label: str, run: Run, env: Env) -> None:
+    ckpt = run.summary.checkpoint
+    start = time.monotonic()
+    result = json.loads(
+        _cli(["eval", "--checkpoint", ckpt, "--batches", "2", "--batch-size", "2",
+              "--device", env.device]).strip().splitlines()[-1]
+    )  # fmt: skip
+    report.check(
+        f"{label}: eval reads the last checkpoint on {env.device}",
+        0 < result["loss_bits"] < 8.5 and result["step"] == max(run.steps()),
+        f"step {result['step']}: {result['loss_bits']:.4f} bits/byte over {result['tokens']} "
+        f"tokens, {time.monotonic() - start:.1f} s",
+    )
+    start = time.monotonic()
+    text = _cli(["sample", "--checkpoint", ckpt, "--length", "32", "--device", env.device])
+    report.check(
+        f"{label}: sample reads the last checkpoint on {env.device}",
+        text.startswith("The ") and len(text.encode(errors="replace")) >= 8,
+        f"{text[:60]!r}, {time.monotonic() - start:.1f} s",
+    )
+
+
+# -- sections -------------------------------------------------------------------------------
+def section_kernels(report: Report, env: Env) -> None:
+    import torch
+
+    from sparse_transformer.ops.kernel_check import check_kernel
+
+    if env.gpu:
+        grid = [
+            ("fixed", "merged", 0, 12288, 64),
+            ("strided", "interleaved", 1, 12288, 64),
+            ("fixed", "multihead", 0, 12288, 64),
+            ("strided", "multihead", 0, 65536, 64),
+            ("fixed", "interleaved", 1, 65536, 64),
+            ("strided", "merged", 0, 4096, 128),
+            ("fixed", "interleaved", 0, 1000, 32),
+        ]
+        backend = "triton"
+    else:  # the harness itself, with the PyTorch backend standing in
+        grid = [("fixed", "merged", 0, 1000, 32), ("strided", "interleaved", 1, 1000, 32)]
+        backend = "torch"
+    for kind, mode, layer, n, d in grid:
+        for dtype in (torch.float16, torch.bfloat16):
+            start = time.monotonic()
+            with report.guard(f"kernels: {kind}/{mode}/layer {layer} n={n} d={d} {dtype}"):
+                result = check_kernel(
+                    kind, mode, layer, n, d, dtype, backend=backend, device=env.device
+                )
+                took = time.monotonic() - start
+                report.check("kernels", result.ok, f"{result.describe()}, {took:.1f} s")
+    if env.gpu:
+        torch.cuda.empty_cache()  # the training runs' workers share this GPU
+
+
+def section_enwik8(report: Report, env: Env, plan: Plan, label: str) -> None:
+    name = run_name(label)
+    scraper = Scraper(env.metrics_url, name) if env.metrics_url else None
+    if scraper is not None:
+        scraper.start()
+    run = train(env, plan, name)
+    check_learns(report, label, run, min_drop=0.5)
+    check_no_late_skips(report, label, run, plan, first_few=10)
+    check_overflow(report, label, run, plan, fp16=env.gpu)
+    check_restart(report, label, run, plan)
+    if scraper is None:
+        report.check(f"{label}: training gauges scraped", False, "no Prometheus endpoint")
+    else:
+        check_prometheus(report, label, scraper.finish(wait_s=20), env)
+    check_eval_and_sample(report, label, run, env)
+
+
+def section_cifar10(report: Report, env: Env, plan: Plan, label: str) -> None:
+    run = train(env, plan, run_name(label))
+    check_learns(report, label, run, min_drop=0.5)
+    check_no_late_skips(report, label, run, plan, first_few=10)
+
+
+def _weights(checkpoint: str) -> dict[str, Any]:
+    """The checkpoint's consolidated weights and, with ZeRO, its fp32 master weights."""
+    from sparse_transformer.distributed.checkpoint import (
+        DS_TAG,
+        consolidated_state_dict,
+        verify_complete,
+    )
+
+    out = dict(consolidated_state_dict(checkpoint))
+    if verify_complete(checkpoint).get("zero_stage", 0) >= 1:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            masters = get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag=DS_TAG)
+        out.update({f"fp32 master {k}": v for k, v in masters.items()})
+    return out
+
+
+def compare_weights(a: str, b: str) -> tuple[list[str], float]:
+    """(names of the tensors that differ, largest absolute difference) of two checkpoints."""
+    wa, wb = _weights(a), _weights(b)
+    if wa.keys() != wb.keys():
+        return sorted(wa.keys() ^ wb.keys()), math.inf
+    differ = [k for k in wa if not wa[k].equal(wb[k])]
+    worst = max(((wa[k].float() - wb[k].float()).abs().max().item() for k in differ), default=0.0)
+    return differ, worst
+
+
+def flagged_ops(env: Env) -> list[str]:
+    """The ops PyTorch flags as nondeterministic in one fp16 training step of ``tiny``."""
+    import warnings
+
+    import torch
+
+    from sparse_transformer.model import SparseTransformer, load_model_config
+
+    model = SparseTransformer(load_model_config("tiny").replace(recompute="block"))
+    model = model.to(env.device, torch.float16 if env.gpu else torch.float32)
+    idx = torch.randint(0, 256, (2, model.config.n_ctx), device=env.device)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, loss = model(idx, idx)
+            loss.backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    marker = " does not have a deterministic implementation"
+    return sorted({str(w.message).split(marker)[0] for w in caught if marker in str(w.message)})
+
+
+def section_determinism(report: Report, env: Env, plan: Plan, label: str) -> None:
+    import dataclasses
+
+    whole = dataclasses.replace(plan, kill_at=-1)
+    for deterministic in (False, True):
+        mode = "train.deterministic" if deterministic else "default mode"
+        a = train(env, whole, run_name(f"{label}-whole"), deterministic=deterministic)
+        b = train(env, plan, run_name(f"{label}-resumed"), deterministic=deterministic)
+        differ, worst = compare_weights(a.summary.checkpoint, b.summary.checkpoint)
+        n = len(_weights(a.summary.checkpoint))
+        expected = plan.kill_at // plan.checkpoint_every * plan.checkpoint_every
+        same = not differ and resumed_from(b) == expected
+        launch_a = a.steps()[plan.steps].get("attention_launch_configs")
+        launch_b = b.steps()[plan.steps].get("attention_launch_configs")
+        detail = (
+            f"killed before step {plan.kill_at + 1}, resumed from step {resumed_from(b)} (last "
+            f"checkpoint: {expected}): "
+            + ("bitwise equal weights" if same else f"{len(differ)} of {n} tensors differ")
+            + (f" (largest |difference| {worst:.3g}, e.g. {differ[0]})" if differ else "")
+            + f"; attention launch configs {'the same' if launch_a == launch_b else 'differ'}"
+        )
+        if deterministic:
+            report.check(f"{label}: {mode}: resumed == uninterrupted, bitwise", same, detail)
+        else:
+            report.info(f"{label}: {mode}: resumed vs uninterrupted", detail)
+            if launch_a != launch_b:
+                report.info(
+                    f"{label}: launch configs", f"uninterrupted {launch_a}; resumed {launch_b}"
+                )
+    flagged = flagged_ops(env)
+    report.info(
+        f"{label}: ops PyTorch flags as nondeterministic in a training step",
+        ", ".join(flagged) if flagged else "none",
+    )
+
+
+# -- main -------------------------------------------------------------------------------------
+def plans(gpu: bool) -> dict[str, Plan]:
+    """The runs of each section on a GPU, or their small CPU stand-ins (``--cpu-smoke``)."""
+    if gpu:
+        return {
+            "enwik8": Plan("enwik8", batch=4, steps=40, zero_stage=1, checkpoint_every=15,
+                           kill_at=33, overflow_at=20),
+            "cifar10": Plan("cifar10", batch=4, steps=40, zero_stage=2),
+            "determinism": Plan("tiny", batch=8, steps=12, zero_stage=1, checkpoint_every=6,
+                                kill_at=9, model=["model.recompute=block"],
+                                extra=["train.sample_length=16"]),
+        }  # fmt: skip
+    small = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "train.lr=4e-3"]
+    return {
+        "enwik8": Plan("tiny", batch=4, steps=10, zero_stage=1, checkpoint_every=4, kill_at=6,
+                       overflow_at=2, model=small),
+        "cifar10": Plan("tiny", batch=4, steps=8, zero_stage=2, model=small),
+        "determinism": Plan("tiny", batch=4, steps=6, zero_stage=1, checkpoint_every=3,
+                            kill_at=4, model=[*small, "model.recompute=block"],
+                            extra=["train.sample_length=8", "train.torch_threads=1"]),
+    }  # fmt: skip
+
+
+def start_ray(report: Report, env: Env) -> None:
+    """One local Ray instance for every run, with the dashboard and a metrics endpoint."""
+    from sparse_transformer.distributed.config import ConfigError, load_config
+    from sparse_transformer.distributed.trainer import dashboard_dependency_error, init_ray
+
+    try:
+        instance = init_ray(load_config("tiny", ["run.dashboard=true"]))
+    except ConfigError as err:
+        report.check("ray: the dashboard starts", False, str(err))
+        instance = init_ray(load_config("tiny", ["run.dashboard=false"]))
+    else:
+        report.check(
+            "ray: the dashboard starts",
+            instance.dashboard_url is not None,
+            f"{instance.dashboard_url}; dashboard packages: {dashboard_dependency_error() or 'ok'}",
+        )
+    env.metrics_url = instance.metrics_url
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"sections: {','.join(SECTIONS)}")
+    p.add_argument("--json", default="", help="write the checks as JSON here")
+    p.add_argument("--cpu-smoke", action="store_true", help="the plumbing on the CPU (fp32)")
+    args = p.parse_args(argv)
+    sections = [s for s in args.only.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; have {', '.join(SECTIONS)}")
+
+    import torch
+
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print("gpu_check: needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
+        return 2
+    env = Env(work=Path(tempfile.mkdtemp(prefix="st-gpu-check-")), gpu=not args.cpu_smoke)
+    report = Report()
+    device = torch.cuda.get_device_name(0) if env.gpu else "cpu (smoke run: plumbing only)"
+    report.info("device", f"{device}; torch {torch.__version__}; work dir {env.work}")
+    if "kernels" in sections:
+        section_kernels(report, env)
+    runs = [s for s in sections if s != "kernels"]
+    if runs:
+        import ray
+
+        start_ray(report, env)
+        try:
+            todo = plans(env.gpu)
+            for name in runs:
+                section = {
+                    "enwik8": section_enwik8,
+                    "cifar10": section_cifar10,
+                    "determinism": section_determinism,
+                }[name]
+                with report.guard(f"{name}: the section ran"):
+                    section(report, env, todo[name], name)
+        finally:
+            ray.shutdown()
+    summary = f"{report.passed} passed, {report.failed} failed"
+    print(f"{summary} in {time.monotonic() - report.start:.0f} s", flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps({"device": device, "summary": summary, "checks": report.rows}, indent=1)
+        )
+    return 0 if report.failed == 0 and report.passed > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The Triton kernels against the fp32 truth, by flash-attention's rule (GPU only).
+
+For out, dq, dk and dv the kernel's largest error against fp32 (or, for n too long
+for O(n^2), the fp32 block-sparse PyTorch backend) may be at most twice PyTorch's own
+error in the same low precision (dense attention run in fp16/bf16, or FlexAttention
+for long n), plus a small absolute term. Outputs start as NaN, so an element a kernel
+fails to write shows. Used by ``tests/test_triton_gpu.py`` (the full grid) and by
+``benchmarks/gpu_check.py`` (a quick grid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sparse_transformer.ops.attention import sparse_attention
+from sparse_transformer.ops.layout import compile_layout
+from sparse_transformer.ops.patterns import pattern_for_layer
+from sparse_transformer.ops.reference import reference_attention
+
+STRIDES = {1000: 32, 4096: 64, 12288: 128, 65536: 256}
+"""The pattern stride used at each checked sequence length."""
+NAMES = ("out", "dq", "dk", "dv")
+
+
+@dataclass
+class KernelCheck:
+    """One comparison: the kernel's and PyTorch's largest errors against the truth."""
+
+    case: str
+    kernel_err: dict[str, float]
+    torch_err: dict[str, float]
+    atol: float
+    unwritten: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.unwritten and all(
+            self.kernel_err[k] <= 2 * self.torch_err[k] + self.atol for k in NAMES
+        )
+
+    def describe(self) -> str:
+        worst = max(NAMES, key=lambda k: self.kernel_err[k] - 2 * self.torch_err[k])
+        text = (
+            f"{self.case}: worst {worst} kernel {self.kernel_err[worst]:.3g} vs PyTorch "
+            f"{self.torch_err[worst]:.3g} (bound 2x + {self.atol:g})"
+        )
+        return text + (f"; unwritten (NaN): {', '.join(self.unwritten)}" if self.unwritten else "")
+
+
+def default_blocks(kind: str, d: int) -> tuple[int, int]:
+    """(block_q, block_k) the checks use for a pattern kind and head dim."""
+    if kind == "fixed":
+        return (64, 32) if d == 128 else (128, 32)
+    return (64, 64)
+
+
+def _grads(fn: Callable, q, k, v, dout) -> list[torch.Tensor]:
+    qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(qs, ks, vs)
+    out.backward(dout)
+    return [out.detach(), qs.grad, ks.grad, vs.grad]
+
+
+def check_kernel(
+    kind: str,
+    mode: str,
+    layer: int,
+    n: int,
+    d: int,
+    dtype: torch.dtype,
+    *,
+    heads: int = 2,
+    batch: int = 1,
+    seed: int | None = None,
+    backend: str = "triton",
+    device: str = "cuda",
+) -> KernelCheck:
+    """Run one case: dense truth up to n = 12,288, block-sparse beyond. ``backend`` and
+    ``device`` are for checking this harness itself elsewhere (the CPU and its backend)."""
+    from sparse_transformer.ops import triton_attention as ta
+
+    pattern = pattern_for_layer(
+        kind, mode=mode, layer=layer, n_heads=heads, stride=STRIDES[n], summary=16
+    )
+    bq, bk = default_blocks(kind, d)
+    layout = compile_layout(pattern, n, heads, bq, bk, device=device)
+    seed = torch.seed() % 2**31 if seed is None else seed
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, dout = (
+        torch.randn(batch, heads, n, d, device=device, generator=gen) for _ in range(4)
+    )
+    lo = [x.to(dtype) for x in (q, k, v, dout)]
+    if n <= 12288:
+        truth = _grads(lambda a, b, c: reference_attention(a, b, c, layout), q, k, v, dout)
+        base = _grads(lambda a, b, c: reference_attention(a, b, c, layout, upcast=False), *lo)
+    else:  # n too long for O(n^2): block-sparse fp32 truth, FlexAttention as PyTorch's own
+        truth = _grads(
+            lambda a, b, c: sparse_attention(a, b, c, layout, backend="torch"), q, k, v, dout
+        )
+        base = _grads(lambda a, b, c: sparse_attention(a, b, c, layout, backend="flex"), *lo)
+    ta.POISON_OUTPUTS = True
+    try:
+        ours = _grads(lambda a, b, c: sparse_attention(a, b, c, layout, backend=backend), *lo)
+    finally:
+        ta.POISON_OUTPUTS = False
+    name = str(dtype).removeprefix("torch.")
+    return KernelCheck(
+        case=f"{backend} {kind}/{mode}/layer {layer} n={n} d={d} {name} seed={seed}",
+        kernel_err={k: (o.float() - t).abs().max().item() for k, o, t in zip(NAMES, ours, truth)},
+        torch_err={k: (b.float() - t).abs().max().item() for k, b, t in zip(NAMES, base, truth)},
+        atol=1e-3 if dtype == torch.float16 else 8e-3,
+        unwritten=[k for k, o in zip(NAMES, ours) if o.isnan().any()],
+    )
+
+
+__all__ = ["KernelCheck", "check_kernel", "default_blocks"]
