@@ -4,7 +4,8 @@ One checkpoint is one directory (Ray Train merges what every rank reports)::
 
     ds/                   DeepSpeed's save_checkpoint (tag "ds"): module, optimizer,
                           loss scaler, LR scheduler; ZeRO shards per rank for stage >= 1
-    state/rank{r}.pt      step, data-loader position, torch (and CUDA) RNG state of rank r
+    state/rank{r}.pt      step, data-loader position, torch (and CUDA) RNG state of rank r,
+                          the open log window's loss sum over all ranks
     model.pt              consolidated fp32 state dict (rank 0; stages 0-2)
     config.yaml           the run's config, redacted
     meta.json             step, world size, ZeRO stage, precision, model config, data URL
@@ -26,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -65,23 +66,63 @@ def write_commit(directory: str | os.PathLike[str], rank: int, step: int, world:
     (path / f"rank{rank}.json").write_text(json.dumps({"step": step, "world_size": world}))
 
 
+def _check_complete(read: Callable[[str], bytes], where: str) -> dict[str, Any]:
+    """meta.json of the checkpoint whose files ``read(relative path)`` returns (raising
+    FileNotFoundError for a missing one); IncompleteCheckpointError unless complete."""
+    try:
+        meta = json.loads(read(META_FILE))
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(
+            f"checkpoint {where}: no {META_FILE} (incomplete)"
+        ) from None
+    world, step = int(meta["world_size"]), int(meta["step"])
+    for r in range(world):
+        try:
+            marker = json.loads(read(f"{COMMIT_DIR}/rank{r}.json"))
+        except FileNotFoundError:
+            raise IncompleteCheckpointError(
+                f"checkpoint {where}: rank {r} of {world} has no commit marker (half-written)"
+            ) from None
+        if int(marker["step"]) != step:
+            raise IncompleteCheckpointError(f"checkpoint {where}: rank {r} committed another step")
+    return meta
+
+
 def verify_complete(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """meta.json of a complete checkpoint; raises IncompleteCheckpointError otherwise."""
     d = Path(directory)
-    meta_path = d / META_FILE
-    if not meta_path.is_file():
-        raise IncompleteCheckpointError(f"checkpoint {d}: no {META_FILE} (incomplete)")
-    meta = json.loads(meta_path.read_text())
-    world, step = int(meta["world_size"]), int(meta["step"])
-    for r in range(world):
-        marker = d / COMMIT_DIR / f"rank{r}.json"
-        if not marker.is_file():
-            raise IncompleteCheckpointError(
-                f"checkpoint {d}: rank {r} of {world} has no commit marker (half-written)"
-            )
-        if int(json.loads(marker.read_text())["step"]) != step:
-            raise IncompleteCheckpointError(f"checkpoint {d}: rank {r} committed another step")
-    return meta
+
+    def read(name: str) -> bytes:
+        if not (d / name).is_file():
+            raise FileNotFoundError(d / name)
+        return (d / name).read_bytes()
+
+    return _check_complete(read, str(d))
+
+
+def complete_checkpoints(
+    run_url: str, storage_options: dict[str, Any] | None = None
+) -> list[tuple[int, str]]:
+    """(step, URL) of every complete checkpoint in a run folder (local or remote), by step.
+
+    The folder holds Ray Train's ``checkpoint_*`` directories; incomplete or unreadable
+    ones are left out. A checkpoint a worker reported just before it died can be here
+    although Ray Train never registered it (it takes reports from a queue it polls).
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(run_url, **(storage_options or {}))
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    found = []
+    for meta_path in fs.glob(f"{root.rstrip('/')}/*/{META_FILE}"):
+        directory = meta_path.rsplit("/", 1)[0]
+        try:
+            meta = _check_complete(lambda name, d=directory: fs.cat_file(f"{d}/{name}"), directory)
+        except (IncompleteCheckpointError, ValueError, KeyError, OSError):
+            continue
+        url = directory if protocol in ("file", "local") else f"{protocol}://{directory}"
+        found.append((int(meta["step"]), url))
+    return sorted(found)
 
 
 def needs_universal(meta: dict[str, Any], world: int, zero_stage: int) -> bool:
@@ -180,15 +221,7 @@ def load_model(
     return model, meta
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
-    """The newest complete checkpoint directory under a local run folder (or None)."""
-    root = Path(run_dir)
-    best: tuple[int, str] | None = None
-    for meta in root.glob("*/" + META_FILE):
-        try:
-            m = verify_complete(meta.parent)
-        except (IncompleteCheckpointError, ValueError, KeyError):
-            continue
-        if best is None or int(m["step"]) > best[0]:
-            best = (int(m["step"]), str(meta.parent))
-    return best[1] if best else None
+def latest_checkpoint(run_dir: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The newest complete checkpoint directory in a run folder (local or remote), or None."""
+    found = complete_checkpoints(run_dir, storage_options)
+    return found[-1][1] if found else None

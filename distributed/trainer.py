@@ -118,6 +118,15 @@ def storage_filesystem(cfg: Config) -> tuple[Any, str]:
     return pafs.S3FileSystem(**kwargs), sp[len("s3://") :]
 
 
+def storage_fsspec_options(cfg: Config) -> dict[str, Any]:
+    """``run.storage_options`` for fsspec (s3fs takes the region as a client argument)."""
+    options = dict(cfg.run.storage_options)
+    region = options.pop("region", None)
+    if region:
+        options.setdefault("client_kwargs", {})["region_name"] = str(region)
+    return options
+
+
 def check_storage(cfg: Config) -> None:
     """Write and delete a probe under the run folder; fail with the URL otherwise."""
     fs, path = storage_filesystem(cfg)
@@ -303,6 +312,8 @@ def build_trainer(cfg: Config, *, extra: dict[str, Any] | None = None) -> Any:
         "use_gpu": gpu,
         "fault_marker": str(local_state / ".fault-injected"),
         "local_dir": str(local_state),
+        "run_dir": run_dir(cfg),
+        "storage_options": storage_fsspec_options(cfg),
         "driver_pid": os.getpid(),
         "tb_dir": str(local_state / "tensorboard"),
         **(extra or {}),

@@ -8,8 +8,9 @@ every ``train.checkpoint_every`` steps saves a checkpoint (DeepSpeed's
 ``save_checkpoint`` plus the data position, the RNG state and the step of each
 rank, the redacted config, a consolidated state dict and one commit marker per
 rank written last) that it reports with ``ray.train.report``. On start it restores
-the latest checkpoint from ``ray.train.get_checkpoint()``, so a restarted group
-(or a relaunched job) continues exactly where it stopped.
+the newest complete checkpoint in the run folder (at least as new as
+``ray.train.get_checkpoint()``), so a restarted group (or a relaunched job)
+continues exactly where it stopped.
 
 Metrics go to ``ray.train.report`` (every ``train.log_every`` steps), to
 ``ray.util.metrics`` gauges (rank 0, tag ``run``) and to TensorBoard events in
@@ -156,6 +157,29 @@ def _universal_copy(stack: contextlib.ExitStack, cdir: str, key: str, local_rank
     return out
 
 
+def _checkpoint_to_resume(
+    loop_config: dict[str, Any], registered: Any, console: logging.Logger, rank: int
+) -> str | None:
+    """The newest complete checkpoint in the run folder (None for a fresh start).
+
+    Ray Train hands a restarted worker the newest checkpoint it registered, but it takes
+    reports from a queue it polls: a checkpoint reported just before the worker died can
+    be in storage, complete, and unknown to it. The commit markers tell complete
+    checkpoints apart, so the run folder itself is the record.
+    """
+    found = ckpt_io.complete_checkpoints(loop_config["run_dir"], loop_config["storage_options"])
+    if not found:
+        return None
+    step, url = found[-1]
+    if rank == 0 and (registered is None or Path(registered.path).name != Path(url).name):
+        console.info(
+            f"[train] resuming from the newest complete checkpoint in the run folder (step "
+            f"{step}), which Ray Train did not register: its report was lost when the worker "
+            "stopped"
+        )
+    return url
+
+
 def _build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     from sparse_transformer.model import SparseTransformer
 
@@ -192,9 +216,11 @@ def _train(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(t.torch_threads)
     precision = resolve_precision(cfg, on_gpu)
 
-    restored = ray.train.get_checkpoint()
+    restored = _checkpoint_to_resume(loop_config, ray.train.get_checkpoint(), console, rank)
     with contextlib.ExitStack() as stack:
-        cdir = stack.enter_context(restored.as_directory()) if restored is not None else None
+        cdir = None
+        if restored is not None:
+            cdir = stack.enter_context(ckpt_io.local_copy(restored, loop_config["storage_options"]))
         meta = ckpt_io.verify_complete(cdir) if cdir is not None else None
         universal = meta is not None and ckpt_io.needs_universal(meta, world, t.zero_stage)
         model = _build_model(cfg, device)
@@ -209,7 +235,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         if cdir is not None:
             load_dir = cdir
             if universal:
-                load_dir = _universal_copy(stack, cdir, restored.path, ctx.get_local_rank())
+                load_dir = _universal_copy(stack, cdir, restored, ctx.get_local_rank())
                 if rank == 0:
                     console.info(
                         f"[train] checkpoint of world size {meta['world_size']} (ZeRO stage "
@@ -263,7 +289,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         else:  # elastic restart with another world size: a fresh, deterministic stream
             torch.manual_seed(t.seed + 1000 * (rank + 1) + step)
         if rank == 0:
-            console.info(f"[train] resumed from step {step} ({restored.path})")
+            console.info(f"[train] resumed from step {step} ({restored})")
 
     # -- fault injection (tests) --------------------------------------------------------------
     marker = loop_config.get("fault_marker")
@@ -325,6 +351,10 @@ def _train(loop_config: dict[str, Any]) -> None:
         return float(nats_to_bits(nats / tokens)) if tokens > 0 else float("nan")
 
     def save(step: int, metrics: dict[str, Any]) -> None:
+        # the open log window over all ranks: a resumed run reports the loss an
+        # uninterrupted one does, on any world size (rank 0 carries it on)
+        window = torch.stack([win_loss, win_loss.new_tensor(win_samples)])
+        window = collectives.all_reduce(window).tolist()
         tmp = tempfile.mkdtemp(prefix=f"st-ckpt-{step:08d}-r{rank}-")
         try:
             engine.save_checkpoint(tmp, tag=ckpt_io.DS_TAG, client_state={"step": step})
@@ -340,6 +370,7 @@ def _train(loop_config: dict[str, Any]) -> None:
                     "rng_cpu": torch.get_rng_state(),
                     "rng_cuda": rng_cuda,
                     "skipped_nonfinite": skipped_nonfinite,
+                    "loss_window": window,
                 },
             )
             if rank == 0:
@@ -381,9 +412,12 @@ def _train(loop_config: dict[str, Any]) -> None:
         finally:
             torch.set_rng_state(rng)
 
-    # the log window: the sum of the micro-batch losses stays on the device until it is read
+    # the log window: the losses summed over samples stay on the device until they are read
     win_loss = torch.zeros((), dtype=torch.float64, device=device)
-    win_micro = 0
+    win_samples = 0
+    if state is not None and rank == 0 and "loss_window" in state:
+        win_loss += state["loss_window"][0]
+        win_samples = int(state["loss_window"][1])
     # DeepSpeed skips and counts fp16 overflows; fp32 with ZeRO 0 gets the same guard here.
     guard = precision == "fp32" and t.zero_stage == 0
     win_time = win_wait = 0.0
@@ -407,7 +441,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         for i in range(t.grad_accum):
             x, y = batch[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
             _, loss = engine(x, y)
-            win_loss += loss.detach()
+            win_loss += loss.detach() * len(x)  # a sum over samples: any world size
             if step == t.fault_overflow_step:
                 loss = loss * float("inf")  # fault injection: gradients overflow, loss as is
             engine.backward(loss)
@@ -418,7 +452,7 @@ def _train(loop_config: dict[str, Any]) -> None:
                 _skipped_step(engine)
             else:
                 engine.step()
-        win_micro += t.grad_accum
+        win_samples += t.grad_accum * micro
         if skip:
             skipped_nonfinite += 1
             if rank == 0:
@@ -429,7 +463,7 @@ def _train(loop_config: dict[str, Any]) -> None:
 
         metrics: dict[str, Any] | None = None
         if will_log:
-            window = torch.stack([win_loss, win_loss.new_tensor(win_micro)])
+            window = torch.stack([win_loss, win_loss.new_tensor(win_samples)])
             nats, count = collectives.all_reduce(window).tolist()  # the window's one read
             # step times are the host's; this one includes waiting for the device's queue
             win_time += time.perf_counter() - t0
@@ -447,7 +481,7 @@ def _train(loop_config: dict[str, Any]) -> None:
                 "peak_memory_bytes": _peak_memory(device),
             }
             win_loss.zero_()
-            win_micro = 0
+            win_samples = 0
             win_time = win_wait = 0.0
             win_steps = 0
         else:

@@ -7,7 +7,10 @@
    driver``); the same command, relaunched with the same name and storage, resumes, and
    each of its progress lines reaches the driver's output once.
 
-In both cases the final parameters are bitwise equal to those of an uninterrupted run,
+3. A worker dies right after a checkpoint was reported, before Ray Train registered it:
+   the group resumes from that checkpoint (the newest complete one in the run folder).
+
+In every case the final parameters are bitwise equal to those of an uninterrupted run,
 and the batches that count (the last read of each (step, rank)) are the same ones.
 """
 
@@ -74,6 +77,31 @@ def test_killed_worker_recovers_bitwise(
     assert n_read > 2 * 24
     weights, expected_batches = baseline
     assert batches == expected_batches
+    assert_bitwise_equal(final_weights(summary.checkpoint), weights)
+
+
+@pytest.mark.slow
+def test_worker_killed_right_after_a_checkpoint_resumes_from_it(
+    small_dataset: str,  # noqa: F811
+    tmp_path: Path,
+    local_ray: None,  # noqa: F811
+    baseline: tuple[dict[str, torch.Tensor], dict[tuple[int, int], str]],
+) -> None:
+    """Rank 1 dies right after the step-16 checkpoint was written and reported, before
+    Ray Train's controller took the report: the group resumes from step 16 anyway (the
+    newest complete checkpoint in the run folder), not from step 8."""
+    import json
+
+    from sparse_transformer.distributed.trainer import run_training
+
+    cfg = small_config(tmp_path, small_dataset, "late", fault_step=16, fault_rank=1)
+    summary = run_training(cfg, verbose=False)
+    run_dir = tmp_path / "late"
+    assert (run_dir / ".fault-injected").read_text().startswith("fault injected at step 16")
+    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in history if "loss_bits" in m] == [4, 8, 12, 16, 20, 24]
+    weights, expected_batches = baseline
+    assert consumed(run_dir)[0] == expected_batches
     assert_bitwise_equal(final_weights(summary.checkpoint), weights)
 
 

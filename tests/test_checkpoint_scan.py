@@ -1,0 +1,73 @@
+"""Finding the checkpoint to resume from in a run folder, local or in S3.
+
+Ray Train registers a checkpoint when its controller polls the worker's report; a worker
+that dies right after reporting leaves a complete checkpoint in storage that Ray Train
+never registered (seen on the CPU: a run killed one step after its checkpoint restarted
+from step 0). The worker resumes from the newest complete checkpoint in the run folder,
+told apart by the per-rank commit markers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sparse_transformer.distributed.checkpoint import (
+    COMMIT_DIR,
+    META_FILE,
+    IncompleteCheckpointError,
+    complete_checkpoints,
+    latest_checkpoint,
+    verify_complete,
+)
+
+
+def write_checkpoint(put, name: str, step: int, world: int, committed: list[int] | None = None,
+                     committed_step: int | None = None) -> None:  # fmt: skip
+    """A checkpoint folder's bookkeeping files through ``put(relative path, text)``."""
+    put(f"{name}/{META_FILE}", json.dumps({"step": step, "world_size": world}))
+    for r in range(world) if committed is None else committed:
+        marker = {"step": step if committed_step is None else committed_step, "world_size": world}
+        put(f"{name}/{COMMIT_DIR}/rank{r}.json", json.dumps(marker))
+
+
+def populate(put) -> None:
+    write_checkpoint(put, "checkpoint_a", 8, 2)
+    write_checkpoint(put, "checkpoint_b", 16, 2)  # complete: the one to resume from
+    write_checkpoint(put, "checkpoint_c", 24, 2, committed=[0])  # rank 1 never committed
+    write_checkpoint(put, "checkpoint_d", 20, 1, committed_step=12)  # a stale marker
+    put("checkpoint_e/ds/mp_rank_00_model_states.pt", "no meta.json: half-written")
+    put("checkpoint_f/meta.json", "{not json")
+
+
+def test_local_run_folder(tmp_path: Path) -> None:
+    def put(rel: str, text: str) -> None:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+
+    populate(put)
+    found = complete_checkpoints(str(tmp_path))
+    assert found == [(8, str(tmp_path / "checkpoint_a")), (16, str(tmp_path / "checkpoint_b"))]
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint_b")
+    assert verify_complete(found[-1][1])["step"] == 16
+    with pytest.raises(IncompleteCheckpointError, match="rank 1 of 2 has no commit marker"):
+        verify_complete(tmp_path / "checkpoint_c")
+    with pytest.raises(IncompleteCheckpointError, match="rank 0 committed another step"):
+        verify_complete(tmp_path / "checkpoint_d")
+    with pytest.raises(IncompleteCheckpointError, match="no meta.json"):
+        verify_complete(tmp_path / "checkpoint_e")
+    assert complete_checkpoints(str(tmp_path / "empty")) == []
+    assert latest_checkpoint(str(tmp_path / "empty")) is None
+
+
+def test_run_folder_in_s3(s3: tuple[str, dict[str, object]]) -> None:
+    import fsspec
+
+    bucket, options = s3
+    fs = fsspec.filesystem("s3", **options)
+    root = f"{bucket}/runs/r1"
+    populate(lambda rel, text: fs.pipe_file(f"{root}/{rel}", text.encode()))
+    found = complete_checkpoints(root, dict(options))
+    assert found == [(8, f"{root}/checkpoint_a"), (16, f"{root}/checkpoint_b")]
