@@ -9,7 +9,8 @@ every check passed. One local Ray instance (dashboard on, Prometheus endpoint on
 with dynamic loss scaling and block recomputation, on the repository's own text:
 
 - ``kernels``: the Triton kernels against the fp32 reference by flash-attention's
-  rule (``ops.kernel_check``), a quick grid with n = 12,288 and 65,536, fp16 and bf16.
+  rule (``ops.kernel_check``), a quick grid with n = 12,288 and 65,536, fp16 and bf16,
+  run in this process beside the training runs.
 - ``enwik8``: ZeRO stage 1. The loss falls with no skipped step after the first few;
   a gradient overflow injected at one step halves the loss scale and is skipped and
   counted; the worker is killed mid-run and Ray restarts the group, which resumes from
@@ -61,7 +62,8 @@ class Report:
         self.rows.append(
             {"status": status, "check": name, "detail": detail, "t_s": round(elapsed, 1)}
         )
-        print(f"{status:4} {name}: {detail}  [{elapsed:.0f} s]", flush=True)
+        # the real stdout: eval and sample output is captured while the kernel thread runs
+        print(f"{status:4} {name}: {detail}  [{elapsed:.0f} s]", file=sys.__stdout__, flush=True)
 
     def check(self, name: str, ok: bool, detail: str) -> bool:
         self._line("PASS" if ok else "FAIL", name, detail)
@@ -318,10 +320,9 @@ def _cli(argv: list[str]) -> str:
 def check_eval_and_sample(report: Report, label: str, run: Run, env: Env) -> None:
     ckpt = run.summary.checkpoint
     start = time.monotonic()
-    result = json.loads(
-        _cli(["eval", "--checkpoint", ckpt, "--batches", "2", "--batch-size", "2",
-              "--device", env.device]).strip().splitlines()[-1]
-    )  # fmt: skip
+    printed = _cli(["eval", "--checkpoint", ckpt, "--batches", "2", "--batch-size", "2",
+                    "--device", env.device])  # fmt: skip
+    result = json.loads([x for x in printed.splitlines() if x.startswith("{")][-1])
     report.check(
         f"{label}: eval reads the last checkpoint on {env.device}",
         0 < result["loss_bits"] < 8.5 and result["step"] == max(run.steps()),
@@ -343,15 +344,11 @@ def section_kernels(report: Report, env: Env) -> None:
 
     from sparse_transformer.ops.kernel_check import check_kernel
 
-    if env.gpu:
+    if env.gpu:  # enwik8's layer, a permuted (strided A2) layer, music-65k's layer
         grid = [
             ("fixed", "merged", 0, 12288, 64),
             ("strided", "interleaved", 1, 12288, 64),
-            ("fixed", "multihead", 0, 12288, 64),
             ("strided", "multihead", 0, 65536, 64),
-            ("fixed", "interleaved", 1, 65536, 64),
-            ("strided", "merged", 0, 4096, 128),
-            ("fixed", "interleaved", 0, 1000, 32),
         ]
         backend = "triton"
     else:  # the harness itself, with the PyTorch backend standing in
@@ -473,9 +470,12 @@ def section_determinism(report: Report, env: Env, plan: Plan, label: str) -> Non
                 report.info(
                     f"{label}: launch configs", f"uninterrupted {launch_a}; resumed {launch_b}"
                 )
+
+
+def report_flagged_ops(report: Report, env: Env) -> None:
     flagged = flagged_ops(env)
     report.info(
-        f"{label}: ops PyTorch flags as nondeterministic in a training step",
+        "determinism: ops PyTorch flags as nondeterministic in a training step",
         ", ".join(flagged) if flagged else "none",
     )
 
@@ -484,12 +484,16 @@ def section_determinism(report: Report, env: Env, plan: Plan, label: str) -> Non
 def plans(gpu: bool) -> dict[str, Plan]:
     """The runs of each section on a GPU, or their small CPU stand-ins (``--cpu-smoke``)."""
     if gpu:
+        # A gentle peak learning rate: with 13 warm-up steps and the configs' 3.5e-4 at
+        # batch 4, enwik8 spiked at step 28 (5.0 -> 7.7, then 10.1 bits) through four
+        # fp16 overflows before it recovered.
+        lr = ["train.lr=1.5e-4"]
         return {
-            "enwik8": Plan("enwik8", batch=4, steps=40, zero_stage=1, checkpoint_every=15,
-                           kill_at=33, overflow_at=20),
-            "cifar10": Plan("cifar10", batch=4, steps=40, zero_stage=2),
-            "determinism": Plan("tiny", batch=8, steps=12, zero_stage=1, checkpoint_every=6,
-                                kill_at=9, model=["model.recompute=block"],
+            "enwik8": Plan("enwik8", batch=4, steps=40, zero_stage=1, checkpoint_every=20,
+                           kill_at=23, overflow_at=30, extra=lr),
+            "cifar10": Plan("cifar10", batch=4, steps=30, zero_stage=2, extra=lr),
+            "determinism": Plan("tiny", batch=8, steps=8, zero_stage=1, checkpoint_every=4,
+                                kill_at=6, model=["model.recompute=block"],
                                 extra=["train.sample_length=16"]),
         }  # fmt: skip
     small = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "train.lr=4e-3"]
@@ -542,8 +546,16 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     device = torch.cuda.get_device_name(0) if env.gpu else "cpu (smoke run: plumbing only)"
     report.info("device", f"{device}; torch {torch.__version__}; work dir {env.work}")
+
+    # The kernel checks run in this process beside the training runs (Ray's worker
+    # processes share the GPU): checking is not timing, and it halves the wall time.
+    def check_kernels() -> None:
+        with report.guard("kernels: the section ran"):
+            section_kernels(report, env)
+
+    kernels = threading.Thread(target=check_kernels, daemon=True)
     if "kernels" in sections:
-        section_kernels(report, env)
+        kernels.start()
     runs = [s for s in sections if s != "kernels"]
     if runs:
         import ray
@@ -561,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
                     section(report, env, todo[name], name)
         finally:
             ray.shutdown()
+    if kernels.is_alive():
+        kernels.join()
+    if "determinism" in sections:
+        report_flagged_ops(report, env)  # after the kernel checks: it flips a global mode
     summary = f"{report.passed} passed, {report.failed} failed"
     print(f"{summary} in {time.monotonic() - report.start:.0f} s", flush=True)
     if args.json:
