@@ -2,30 +2,31 @@
 
     python -m sparse_transformer.benchmarks.gpu_check --json benchmarks/results/gpu_check.json
 
-On one CUDA GPU (about 6 minutes on an H200) it prints ``PASS``, ``FAIL`` or ``INFO``
-and a name and detail per check, then ``N passed, M failed``; it exits 0 only when
-every check passed. One local Ray instance (dashboard on, Prometheus endpoint on
-127.0.0.1) carries every training run, all through Ray Train + DeepSpeed in fp16
-with dynamic loss scaling and block recomputation, on the repository's own text:
+On one CUDA GPU it prints ``PASS``, ``FAIL`` or ``INFO`` and a name and detail per
+check, then ``N passed, M failed``; it exits 0 only when every check passed. One local
+Ray instance (dashboard on, Prometheus endpoint on 127.0.0.1) carries every training
+run, all through Ray Train + DeepSpeed in fp16 with dynamic loss scaling and block
+recomputation, on the repository's own text. Sections (``--only`` picks some):
 
 - ``kernels``: the Triton kernels against the fp32 reference by flash-attention's
-  rule (``ops.kernel_check``), a quick grid with n = 12,288 and 65,536, fp16 and bf16,
-  run in this process beside the training runs.
-- ``enwik8``: ZeRO stage 1. The loss falls with no skipped step after the first few;
-  a gradient overflow injected at one step halves the loss scale and is skipped and
-  counted; the worker is killed mid-run and Ray restarts the group, which resumes from
-  the last checkpoint; the gauges are scraped from Ray's Prometheus endpoint while it
-  trains; ``eval`` and ``sample`` read its last checkpoint on the GPU.
-- ``cifar10``: the 128-layer model with ZeRO stage 2: the loss falls, no skipped
-  steps after the first few.
-- ``determinism``: a killed-and-resumed run against an uninterrupted one (``tiny``,
-  fp16, ZeRO 1): bitwise or not by default (INFO, with the attention launch
-  configurations each chose and the ops PyTorch flags as nondeterministic), and
-  bitwise under ``train.deterministic`` (checked).
+  rule (``ops.kernel_check``), n = 12,288 and 65,536, fp16 and bf16; in this process,
+  beside the training runs.
+- ``enwik8``: ZeRO stage 1, alone on the GPU. The loss falls with no skipped step after
+  the first few; a gradient overflow injected at one step halves the loss scale and is
+  skipped and counted; the worker is killed mid-run and Ray restarts the group, which
+  resumes from the last checkpoint; the gauges are scraped from Ray's Prometheus
+  endpoint while it trains; ``eval`` and ``sample`` read its last checkpoint on the GPU.
+- ``cifar10``: the 128-layer model with ZeRO stage 2: the loss falls, no skipped steps
+  after the first few.
+- ``determinism``: a killed-and-resumed run ends on the weights of an uninterrupted one,
+  bitwise, under ``train.deterministic`` (``tiny``, fp16, ZeRO 1).
+- ``default-resume`` (not run by default): the same comparison in the default mode,
+  reported, with the attention launch configurations each run's autotuner chose.
 
-``--cpu-smoke`` runs the same sections on the CPU (fp32, gloo, small models, the
-PyTorch attention backend standing in for the kernels) to check this script's
-plumbing; its figures mean nothing. ``--only`` picks sections.
+``cifar10`` and ``determinism`` run side by side after ``enwik8``, half a GPU each.
+``--cpu-smoke`` runs the same sections on the CPU (fp32, gloo, small models, the PyTorch
+attention backend standing in for the kernels) to check this script's plumbing; its
+figures mean nothing.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("kernels", "enwik8", "cifar10", "determinism")
+SECTIONS = ("kernels", "enwik8", "cifar10", "determinism", "default-resume")
+DEFAULT_SECTIONS = SECTIONS[:4]
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -441,35 +443,42 @@ def flagged_ops(env: Env) -> list[str]:
     return sorted({str(w.message).split(marker)[0] for w in caught if marker in str(w.message)})
 
 
-def section_determinism(report: Report, env: Env, plan: Plan, label: str) -> None:
+def compare_resumed(
+    report: Report, env: Env, plan: Plan, label: str, *, deterministic: bool
+) -> tuple[bool, str]:
+    """Train ``plan`` uninterrupted and killed-and-resumed; (bitwise equal, what was seen)."""
     import dataclasses
 
     whole = dataclasses.replace(plan, kill_at=-1)
-    for deterministic in (False, True) if env.gpu else (True,):  # the CPU has no autotuner
-        mode = "train.deterministic" if deterministic else "default mode"
-        a = train(env, whole, run_name(f"{label}-whole"), deterministic=deterministic)
-        b = train(env, plan, run_name(f"{label}-resumed"), deterministic=deterministic)
-        differ, worst = compare_weights(a.summary.checkpoint, b.summary.checkpoint)
-        n = len(_weights(a.summary.checkpoint))
-        expected = plan.kill_at // plan.checkpoint_every * plan.checkpoint_every
-        same = not differ and resumed_from(b) == expected
-        launch_a = a.steps()[plan.steps].get("attention_launch_configs")
-        launch_b = b.steps()[plan.steps].get("attention_launch_configs")
-        detail = (
-            f"killed before step {plan.kill_at + 1}, resumed from step {resumed_from(b)} (last "
-            f"checkpoint: {expected}): "
-            + ("bitwise equal weights" if same else f"{len(differ)} of {n} tensors differ")
-            + (f" (largest |difference| {worst:.3g}, e.g. {differ[0]})" if differ else "")
-            + f"; attention launch configs {'the same' if launch_a == launch_b else 'differ'}"
-        )
-        if deterministic:
-            report.check(f"{label}: {mode}: resumed == uninterrupted, bitwise", same, detail)
-        else:
-            report.info(f"{label}: {mode}: resumed vs uninterrupted", detail)
-            if launch_a != launch_b:
-                report.info(
-                    f"{label}: launch configs", f"uninterrupted {launch_a}; resumed {launch_b}"
-                )
+    a = train(env, whole, run_name(f"{label}-whole"), deterministic=deterministic)
+    b = train(env, plan, run_name(f"{label}-resumed"), deterministic=deterministic)
+    differ, worst = compare_weights(a.summary.checkpoint, b.summary.checkpoint)
+    n = len(_weights(a.summary.checkpoint))
+    expected = plan.kill_at // plan.checkpoint_every * plan.checkpoint_every
+    same = not differ and resumed_from(b) == expected
+    launch_a = a.steps()[plan.steps].get("attention_launch_configs")
+    launch_b = b.steps()[plan.steps].get("attention_launch_configs")
+    detail = (
+        f"killed before step {plan.kill_at + 1}, resumed from step {resumed_from(b)} (last "
+        f"checkpoint: {expected}): "
+        + ("bitwise equal weights" if same else f"{len(differ)} of {n} tensors differ")
+        + (f" (largest |difference| {worst:.3g}, e.g. {differ[0]})" if differ else "")
+        + f"; attention launch configs {'the same' if launch_a == launch_b else 'differ'}"
+    )
+    if launch_a != launch_b:
+        report.info(f"{label}: launch configs", f"uninterrupted {launch_a}; resumed {launch_b}")
+    return same, detail
+
+
+def section_determinism(report: Report, env: Env, plan: Plan, label: str) -> None:
+    same, detail = compare_resumed(report, env, plan, label, deterministic=True)
+    report.check(f"{label}: train.deterministic: resumed == uninterrupted, bitwise", same, detail)
+
+
+def section_default_resume(report: Report, env: Env, plan: Plan, label: str) -> None:
+    """Not a check: in default mode Triton's autotuner times its candidates in each process."""
+    _, detail = compare_resumed(report, env, plan, label, deterministic=False)
+    report.info(f"{label}: default mode: resumed vs uninterrupted", detail)
 
 
 def report_flagged_ops(report: Report, env: Env) -> None:
@@ -481,6 +490,14 @@ def report_flagged_ops(report: Report, env: Env) -> None:
 
 
 # -- main -------------------------------------------------------------------------------------
+RUNNERS = {
+    "enwik8": section_enwik8,
+    "cifar10": section_cifar10,
+    "determinism": section_determinism,
+    "default-resume": section_default_resume,
+}
+
+
 def plans(gpu: bool) -> dict[str, Plan]:
     """The runs of each section on a GPU, or their small CPU stand-ins (``--cpu-smoke``)."""
     if gpu:
@@ -488,22 +505,42 @@ def plans(gpu: bool) -> dict[str, Plan]:
         # batch 4, enwik8 spiked at step 28 (5.0 -> 7.7, then 10.1 bits) through four
         # fp16 overflows before it recovered.
         lr = ["train.lr=1.5e-4"]
+        half = ["scaling.gpus_per_worker=0.5"]  # the sections after enwik8 share the GPU
+        tiny = Plan(
+            "tiny",
+            batch=8,
+            steps=8,
+            zero_stage=1,
+            checkpoint_every=4,
+            kill_at=6,
+            model=["model.recompute=block"],
+            extra=["train.sample_length=16", *half],
+        )
         return {
             "enwik8": Plan("enwik8", batch=4, steps=40, zero_stage=1, checkpoint_every=20,
                            kill_at=23, overflow_at=30, extra=lr),
-            "cifar10": Plan("cifar10", batch=4, steps=30, zero_stage=2, extra=lr),
-            "determinism": Plan("tiny", batch=8, steps=8, zero_stage=1, checkpoint_every=4,
-                                kill_at=6, model=["model.recompute=block"],
-                                extra=["train.sample_length=16"]),
+            "cifar10": Plan("cifar10", batch=4, steps=30, zero_stage=2, extra=[*lr, *half]),
+            "determinism": tiny,
+            "default-resume": tiny,
         }  # fmt: skip
     small = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "train.lr=4e-3"]
+    tiny = Plan(
+        "tiny",
+        batch=4,
+        steps=6,
+        zero_stage=1,
+        checkpoint_every=3,
+        kill_at=4,
+        model=[*small, "model.recompute=block"],
+        extra=["train.sample_length=8", "train.torch_threads=1"],
+    )
     return {
         "enwik8": Plan("tiny", batch=4, steps=10, zero_stage=1, checkpoint_every=4, kill_at=6,
                        overflow_at=2, model=small),
-        "cifar10": Plan("tiny", batch=4, steps=8, zero_stage=2, model=small),
-        "determinism": Plan("tiny", batch=4, steps=6, zero_stage=1, checkpoint_every=3,
-                            kill_at=4, model=[*small, "model.recompute=block"],
-                            extra=["train.sample_length=8", "train.torch_threads=1"]),
+        "cifar10": Plan("tiny", batch=4, steps=8, zero_stage=2, model=small,
+                        extra=["train.torch_threads=1"]),
+        "determinism": tiny,
+        "default-resume": tiny,
     }  # fmt: skip
 
 
@@ -528,7 +565,11 @@ def start_ray(report: Report, env: Env) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"sections: {','.join(SECTIONS)}")
+    p.add_argument(
+        "--only",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"sections: {', '.join(SECTIONS)} (default: all but default-resume)",
+    )
     p.add_argument("--json", default="", help="write the checks as JSON here")
     p.add_argument("--cpu-smoke", action="store_true", help="the plumbing on the CPU (fp32)")
     args = p.parse_args(argv)
@@ -547,35 +588,39 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name(0) if env.gpu else "cpu (smoke run: plumbing only)"
     report.info("device", f"{device}; torch {torch.__version__}; work dir {env.work}")
 
-    # The kernel checks run in this process beside the training runs (Ray's worker
-    # processes share the GPU): checking is not timing, and it halves the wall time.
-    def check_kernels() -> None:
-        with report.guard("kernels: the section ran"):
-            section_kernels(report, env)
+    todo = plans(env.gpu)
 
-    kernels = threading.Thread(target=check_kernels, daemon=True)
-    if "kernels" in sections:
-        kernels.start()
+    def run(name: str) -> None:
+        with report.guard(f"{name}: the section ran"):
+            if name == "kernels":
+                section_kernels(report, env)
+            else:
+                RUNNERS[name](report, env, todo[name], name)
+
+    def in_thread(name: str) -> threading.Thread:
+        thread = threading.Thread(target=run, args=(name,), daemon=True)
+        thread.start()
+        return thread
+
+    # Checking is not timing: the kernel checks run in this process beside the training
+    # runs, and after enwik8 (alone: the killed worker, the gauges) the other runs share
+    # the GPU, half each, so that the whole check stays within 8 minutes on an H200.
+    threads = [in_thread("kernels")] if "kernels" in sections else []
     runs = [s for s in sections if s != "kernels"]
     if runs:
         import ray
 
         start_ray(report, env)
         try:
-            todo = plans(env.gpu)
-            for name in runs:
-                section = {
-                    "enwik8": section_enwik8,
-                    "cifar10": section_cifar10,
-                    "determinism": section_determinism,
-                }[name]
-                with report.guard(f"{name}: the section ran"):
-                    section(report, env, todo[name], name)
+            if "enwik8" in runs:
+                run("enwik8")
+            for thread in [in_thread(n) for n in runs if n != "enwik8"]:
+                thread.join()
         finally:
             ray.shutdown()
-    if kernels.is_alive():
-        kernels.join()
-    if "determinism" in sections:
+    for thread in threads:
+        thread.join()
+    if "determinism" in sections or "default-resume" in sections:
         report_flagged_ops(report, env)  # after the kernel checks: it flips a global mode
     summary = f"{report.passed} passed, {report.failed} failed"
     print(f"{summary} in {time.monotonic() - report.start:.0f} s", flush=True)
