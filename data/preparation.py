@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sparse_transformer.data import storage
+from sparse_transformer.data.errors import MalformedSourceError
 from sparse_transformer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
 from sparse_transformer.data.retry import retry_call
 from sparse_transformer.data.shards import DEFAULT_SHARD_BYTES, SplitWriter, samples_per_shard
@@ -61,8 +62,10 @@ def prepare(
         cache_dir: download cache (default ``~/.cache/sparse-transformer``).
         download: allow downloads when ``path`` is None.
         overwrite: False returns the dataset already at ``out`` when its manifest is
-            complete and was made from the same source with the same ``seq_len``
-            (a different one raises ValueError); True always rebuilds.
+            complete and was made from the same source with the same ``seq_len``; a
+            dataset of another source or length there raises ValueError and a manifest
+            that cannot be read raises ManifestError, both naming it and changing
+            nothing. True always rebuilds.
         source_options: per-source options (``validation_size``, ``fractions``,
             ``sample_rate``, ``verify``, ``checksums``).
     """
@@ -76,8 +79,9 @@ def prepare(
             if name != source or (seq_len is not None and existing.seq_len != seq_len):
                 raise ValueError(
                     f"{out} already holds {name} with seq_len {existing.seq_len}, not {source} "
-                    f"with seq_len {seq_len}; rebuild it with overwrite=True "
-                    "(without --reuse-existing)"
+                    f"with seq_len {seq_len}; nothing was changed. To train on it as it is, "
+                    "leave preparation out (data.prepare=false); to prepare "
+                    f"{source}, choose another location"
                 )
             log.info("%s: reusing the prepared %s dataset", out, name)
             return existing
@@ -123,6 +127,12 @@ def prepare(
                 )
                 writer.add_all(data.splits[split]())
                 split_infos[split] = writer.close()
+            train = split_infos.get("train")
+            if train is not None and train.num_samples == 0:
+                raise MalformedSourceError(
+                    f"{source}: the input holds no whole sample of {data.seq_len} tokens for "
+                    f"the train split ({train.dropped_tokens:,} tokens); nothing was written"
+                )
             manifest = Manifest(
                 seq_len=data.seq_len,
                 tokenizer=data.tokenizer,
@@ -153,13 +163,18 @@ def prepare(
 
 
 def _existing(out: str, storage_options: dict[str, Any] | None) -> Manifest | None:
-    from sparse_transformer.data.errors import ManifestError
+    """The dataset already at ``out``, or None where no manifest was ever committed.
+
+    A manifest that is there but cannot be read is an error naming it (ManifestError),
+    never a reason to rebuild: the shards beside it may be someone's only copy.
+    """
     from sparse_transformer.data.manifest import load_manifest
 
-    try:
-        return load_manifest(out, storage_options)
-    except ManifestError:
+    fs, root = storage.filesystem(out, storage_options)
+    path = storage.join(root, MANIFEST_NAME)
+    if not retry_call(lambda: fs.exists(path), what=f"check {out}"):
         return None
+    return load_manifest(out, storage_options)
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

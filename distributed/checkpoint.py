@@ -42,7 +42,11 @@ CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 
 
-class IncompleteCheckpointError(RuntimeError):
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the folder and the file."""
+
+
+class IncompleteCheckpointError(CheckpointError):
     """A checkpoint without every rank's commit marker (half-written): never loaded."""
 
 
@@ -97,6 +101,11 @@ def verify_complete(directory: str | os.PathLike[str]) -> dict[str, Any]:
             raise FileNotFoundError(d / name)
         return (d / name).read_bytes()
 
+    if not (d / META_FILE).is_file() and (inside := complete_checkpoints(str(d))):
+        raise IncompleteCheckpointError(
+            f"{d} is a run folder, not a checkpoint; its newest complete checkpoint is "
+            f"{inside[-1][1]} (step {inside[-1][0]})"
+        )
     return _check_complete(read, str(d))
 
 
@@ -197,7 +206,10 @@ def consolidated_state_dict(directory: str | os.PathLike[str]) -> dict[str, torc
     d = Path(directory)
     verify_complete(d)
     if (d / MODEL_FILE).is_file():
-        return torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError) as err:
+            raise CheckpointError(f"checkpoint {d}: {MODEL_FILE} cannot be read ({err})") from err
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(d), tag=DS_TAG))

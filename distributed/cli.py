@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             q.set_defaults(func=_eval)
         else:
             q.add_argument("--prompt", default="The ")
-            q.add_argument("--length", type=int, default=200)
+            q.add_argument("--length", type=_count, default=200, help="bytes to generate")
             q.add_argument("--temperature", type=float, default=1.0)
             q.add_argument("--top-p", type=float, default=0.9)
             q.add_argument("--seed", type=int, default=0)
@@ -74,11 +74,19 @@ def _train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    from sparse_transformer.distributed.trainer import StorageError, TrainingError, run_training
+    from sparse_transformer.distributed.trainer import (
+        DataSetupError,
+        StorageError,
+        TrainingError,
+        run_training,
+    )
 
     start = time.time()
     try:
         summary = run_training(cfg)
+    except (ConfigError, DataSetupError) as err:  # found on the driver before training
+        print(f"sparse-transformer train: {err}", file=sys.stderr)
+        return 2
     except StorageError as err:
         print(f"sparse-transformer train: {err}", file=sys.stderr)
         return 3
@@ -94,6 +102,29 @@ def _train(args: argparse.Namespace) -> int:
     if m.get("sample"):
         print("[train] sample:\n" + str(m["sample"]))
     return 0
+
+
+def _count(text: str) -> int:
+    """An argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _load(args: argparse.Namespace, device: str, options: dict[str, Any] | None) -> Any:
+    """(model, meta.json) of ``--checkpoint``; None, after one line naming the folder and
+    the file, when it cannot be used (missing, a run folder, incomplete, unreadable)."""
+    from sparse_transformer.distributed.checkpoint import CheckpointError, load_model
+
+    try:
+        return load_model(args.checkpoint, device=device, storage_options=options)
+    except (FileNotFoundError, CheckpointError) as err:
+        print(f"sparse-transformer {args.command}: {err}", file=sys.stderr)
+        return None
 
 
 def _options(pairs: list[str]) -> dict[str, Any]:
@@ -116,12 +147,14 @@ def _eval(args: argparse.Namespace) -> int:
     import torch
 
     from sparse_transformer.data import StreamingDataset
-    from sparse_transformer.distributed.checkpoint import load_model
     from sparse_transformer.model import nats_to_bits
 
     opts = _options(args.storage_option)
     device = _device(args.device)
-    model, meta = load_model(args.checkpoint, device=device, storage_options=opts or None)
+    loaded = _load(args, device, opts or None)
+    if loaded is None:
+        return 2
+    model, meta = loaded
     url = args.data or meta["data_url"]
     ds = StreamingDataset(
         url,
@@ -161,13 +194,13 @@ def _eval(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from sparse_transformer.distributed.checkpoint import load_model
     from sparse_transformer.model import generate
 
     device = _device(args.device)
-    model, _ = load_model(
-        args.checkpoint, device=device, storage_options=_options(args.storage_option) or None
-    )
+    loaded = _load(args, device, _options(args.storage_option) or None)
+    if loaded is None:
+        return 2
+    model, _ = loaded
     prompt = args.prompt.encode("utf-8") or b"\n"
     length = min(args.length, model.config.n_ctx - len(prompt))
     idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)

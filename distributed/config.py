@@ -40,7 +40,8 @@ from sparse_transformer.model.config import SparseTransformerConfig, configs_dir
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRISTATE = ("auto", "true", "false")
 REDACTED = "***"
-_SECRET_WORDS = ("secret", "key", "token", "password", "passwd", "credential")
+_SECRET_WORDS = ("secret", "key", "token", "password", "passwd", "cred")
+_SECRET_PARTS = ("sk", "pwd", "pass", "auth")  # whole parts of a key: ``sk``, ``db_pass``
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
@@ -250,6 +251,8 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
         raise ConfigError(f"{path}: expected int, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{path}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{path}: expected float, got {value!r}")
     if tp is str:
@@ -394,8 +397,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.fault_rank: {t.fault_rank} is not a rank of {s.num_workers} workers"
         )
-    if not r.name or "/" in r.name:
-        raise ConfigError(f"run.name: must be a non-empty name without '/', got {r.name!r}")
+    if not r.name or "/" in r.name or r.name in (".", ".."):
+        raise ConfigError(
+            f"run.name: must be a folder name (not empty, '.' or '..', no '/'), got {r.name!r}"
+        )
     if not d.url and is_remote(r.storage_path):
         raise ConfigError(
             "data.url: required when run.storage_path is remote "
@@ -468,8 +473,18 @@ def load_config(
     import yaml
 
     path, name = resolve_config_path(name_or_path)
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config: {path} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config: {path} is not valid YAML{at}: {problem}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"config: {path} does not hold a mapping")
     return _build(apply_overrides(doc, overrides), name=name)
@@ -503,7 +518,12 @@ def data_url(cfg: Config) -> str:
 
 def _secret_key(key: Any) -> bool:
     k = str(key).lower()
-    return k.startswith("aws_") or any(w in k for w in _SECRET_WORDS)
+    parts = re.split(r"[^a-z0-9]+", k)
+    return (
+        k.startswith("aws_")
+        or any(w in k for w in _SECRET_WORDS)
+        or any(p in _SECRET_PARTS for p in parts)
+    )
 
 
 def redact_url(url: str) -> str:
@@ -514,10 +534,10 @@ def redact_url(url: str) -> str:
 def redact(obj: Any) -> Any:
     """A copy of ``obj`` with credential-like values replaced by ``"***"``.
 
-    Mapping keys containing secret/key/token/password/credential (any case) or
-    starting with ``AWS_`` have their (non-empty, non-numeric) values replaced;
-    user:password in URLs is removed; dataclasses become dicts. Works on nested
-    dicts, lists, tuples and :class:`Config`.
+    Mapping keys containing secret/key/token/password/passwd/cred (any case), with a
+    part (between separators) sk/pwd/pass/auth, or starting with ``AWS_`` have their
+    (non-empty, non-numeric) values replaced; user:password in URLs is removed;
+    dataclasses become dicts. Works on nested dicts, lists, tuples and :class:`Config`.
     """
     if isinstance(obj, Config):
         obj = obj.to_dict()

@@ -31,6 +31,10 @@ class StorageError(RuntimeError):
     """Run storage that cannot be reached or written (raised before training starts)."""
 
 
+class DataSetupError(RuntimeError):
+    """A dataset that cannot be prepared or read (raised on the driver before Ray starts)."""
+
+
 class TrainingError(RuntimeError):
     """Training workers failed; ``worker_failures`` maps each failed rank to its error.
 
@@ -153,20 +157,30 @@ def check_storage(cfg: Config) -> None:
 
 
 def prepare_data(cfg: Config) -> str:
-    """The dataset URL, prepared (once; reused afterwards) when ``data.prepare`` is set."""
-    url = data_url(cfg)
-    if not cfg.data.prepare:
-        return url
-    from sparse_transformer.data import prepare
+    """The dataset URL, prepared (once; reused afterwards) when ``data.prepare`` is set,
+    its manifest read back; a :class:`DataSetupError` naming the dataset otherwise.
 
-    prepare(
-        cfg.data.source,
-        url,
-        path=cfg.data.path or None,
-        seq_len=cfg.seq_len,
-        storage_options=cfg.data.storage_options or None,
-        overwrite=False,
-    )
+    An existing dataset of another source, or one whose manifest cannot be read, is an
+    error: nothing is ever rebuilt over it implicitly.
+    """
+    from sparse_transformer.data import load_manifest, prepare
+    from sparse_transformer.data.errors import DataError
+
+    url = data_url(cfg)
+    options = cfg.data.storage_options or None
+    try:
+        if cfg.data.prepare:
+            prepare(
+                cfg.data.source,
+                url,
+                path=cfg.data.path or None,
+                seq_len=cfg.seq_len,
+                storage_options=options,
+                overwrite=False,
+            )
+        load_manifest(url, options)
+    except (DataError, ValueError) as err:
+        raise DataSetupError(redact_url(str(err))) from err
     return url
 
 
@@ -280,8 +294,11 @@ def local_state_dir(cfg: Config) -> Path:
     return Path.home() / ".cache" / "sparse-transformer" / "runs" / cfg.run.name
 
 
-def build_trainer(cfg: Config, *, extra: dict[str, Any] | None = None) -> Any:
-    """The TorchTrainer for ``cfg`` (Ray must be initialised)."""
+def build_trainer(
+    cfg: Config, *, extra: dict[str, Any] | None = None, data_url: str | None = None
+) -> Any:
+    """The TorchTrainer for ``cfg`` (Ray must be initialised); ``data_url``: the dataset
+    :func:`prepare_data` returned (prepared here when None)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -308,7 +325,7 @@ def build_trainer(cfg: Config, *, extra: dict[str, Any] | None = None) -> Any:
     )
     loop_config = {
         "config": cfg.to_dict(),
-        "data_url": prepare_data(cfg),
+        "data_url": data_url or prepare_data(cfg),
         "use_gpu": gpu,
         "fault_marker": str(local_state / ".fault-injected"),
         "local_dir": str(local_state),
@@ -332,6 +349,7 @@ def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
     if verbose:
         print("[train] config (redacted):\n" + dump_yaml(cfg), flush=True)
     check_storage(cfg)
+    url = prepare_data(cfg)  # before Ray starts: a bad dataset fails here, naming it
     import ray
 
     instance = init_ray(cfg)
@@ -340,7 +358,7 @@ def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
             print(f"[train] Ray dashboard: {instance.dashboard_url}", flush=True)
         if verbose and instance.metrics_url:
             print(f"[train] Prometheus metrics: {instance.metrics_url}", flush=True)
-        trainer = build_trainer(cfg)
+        trainer = build_trainer(cfg, data_url=url)
         try:
             result = trainer.fit()
         except Exception as err:
@@ -359,6 +377,7 @@ def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
 
 __all__ = [
     "ConfigError",
+    "DataSetupError",
     "StorageError",
     "TrainSummary",
     "RayInstance",

@@ -361,3 +361,41 @@ def test_reuse_an_existing_dataset_only_when_it_matches(tmp_path: Path) -> None:
         prepare("text", out, path=str(tmp_path / "t.txt"), seq_len=32, overwrite=False)
     m3 = prepare("text", out, path=str(tmp_path / "t.txt"), seq_len=32)
     assert m3.seq_len == 32
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_dataset_of_another_source_is_never_rebuilt_over(tmp_path: Path) -> None:
+    (tmp_path / "t.txt").write_bytes(bytes(range(256)) * 40)
+    out = f"file://{tmp_path}/ds"
+    prepare("text", out, path=str(tmp_path / "t.txt"), seq_len=64)
+    before = _snapshot(tmp_path / "ds")
+    with pytest.raises(ValueError, match="already holds text") as err:
+        prepare("wiki-sample", out, seq_len=64, overwrite=False, download=False)
+    assert "data.prepare=false" in str(err.value) and "nothing was changed" in str(err.value)
+    assert "overwrite" not in str(err.value)  # it never advises replacing the data
+    assert _snapshot(tmp_path / "ds") == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "another format"])
+def test_a_damaged_manifest_is_an_error_naming_it_not_a_rebuild(
+    tmp_path: Path, damage: str
+) -> None:
+    from sparse_transformer.data.errors import ManifestError
+
+    (tmp_path / "t.txt").write_bytes(bytes(range(256)) * 40)
+    out = f"file://{tmp_path}/ds"
+    prepare("text", out, path=str(tmp_path / "t.txt"), seq_len=64)
+    manifest = tmp_path / "ds" / "manifest.json"
+    text = manifest.read_text()
+    manifest.write_text(
+        {"truncated": text[: len(text) // 2], "not json": "\x00\x01", "another format": "{}"}[
+            damage
+        ]
+    )
+    before = _snapshot(tmp_path / "ds")
+    with pytest.raises(ManifestError, match="manifest.json"):
+        prepare("text", out, path=str(tmp_path / "t.txt"), seq_len=64, overwrite=False)
+    assert _snapshot(tmp_path / "ds") == before  # no shard rewritten, none left stale
