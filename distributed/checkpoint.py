@@ -12,19 +12,22 @@ One checkpoint is one directory (Ray Train merges what every rank reports)::
     commit/rank{r}.json   written last by each rank: the checkpoint is complete only when
                           every rank of meta.json's world size has its marker
 
-Loading uses ``torch.load(..., weights_only=True)`` for our files and DeepSpeed's
-own loader for ``ds/``. A ZeRO checkpoint (stage >= 1) is partitioned by world size;
-resuming it on another world size (an elastic group that grew or shrank) or another
-ZeRO stage goes through DeepSpeed's universal format (:func:`to_universal`: one fp32
-weight and moment file per parameter), which any partitioning loads. A ZeRO-sharded
-checkpoint without ``model.pt`` is exported to a consolidated state dict with
-DeepSpeed's ``zero_to_fp32``.
+Every load is ``torch.load(..., weights_only=True)``: our files directly, ``ds/``
+through DeepSpeed's loaders inside :func:`weights_only_loads` (they ask for
+``weights_only=False``), so a crafted checkpoint cannot run code.
+
+A ZeRO checkpoint (stage >= 1) is partitioned by world size; resuming it on another
+world size (an elastic group that grew or shrank) or another ZeRO stage goes through
+DeepSpeed's universal format (:func:`to_universal`: one fp32 weight and moment file per
+parameter), which any partitioning loads. A ZeRO-sharded checkpoint without
+``model.pt`` is exported to a consolidated state dict with DeepSpeed's ``zero_to_fp32``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -48,6 +51,42 @@ class CheckpointError(RuntimeError):
 
 class IncompleteCheckpointError(CheckpointError):
     """A checkpoint without every rank's commit marker (half-written): never loaded."""
+
+
+def _deepspeed_globals() -> list[Any]:
+    """The classes DeepSpeed's checkpoints pickle besides plain data and tensors: its loss
+    scalers (fp16), the ZeRO stage enum and the addresses of parameter fragments."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside, every ``torch.load`` is ``weights_only=True``, DeepSpeed's own included.
+
+    DeepSpeed's loaders (its checkpoint engine, ``zero_to_fp32``, ``ds_to_universal``)
+    call ``torch.load(..., weights_only=False)``, which runs whatever a pickle asks for:
+    a crafted checkpoint would run code. Inside this context their loads go through
+    PyTorch's restricted unpickler, which lets plain data, tensors and DeepSpeed's own
+    bookkeeping classes (:func:`_deepspeed_globals`) through and refuses anything else.
+    It swaps ``torch.load`` for the whole process while it lasts.
+    """
+    original = torch.load
+    allowed = _deepspeed_globals()
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(allowed):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
 
 
 def save_rank_state(directory: str | os.PathLike[str], rank: int, state: dict[str, Any]) -> None:
@@ -174,7 +213,7 @@ def to_universal(directory: str | os.PathLike[str], out_root: str | os.PathLike[
         strict=True,
         inject_missing_state=True,  # checkpoints saved before the info was recorded
     )
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter
+    with contextlib.redirect_stdout(io.StringIO()), weights_only_loads():  # its chatter
         ds_to_universal.main(args)
     return out
 
@@ -212,7 +251,12 @@ def consolidated_state_dict(directory: str | os.PathLike[str]) -> dict[str, torc
             raise CheckpointError(f"checkpoint {d}: {MODEL_FILE} cannot be read ({err})") from err
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(d), tag=DS_TAG))
+    try:
+        with weights_only_loads():
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(d), tag=DS_TAG))
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {d}: refused to unpickle {DS_TAG}/: {first}") from err
 
 
 def load_model(

@@ -218,6 +218,7 @@ def _train(loop_config: dict[str, Any]) -> None:
 
     restored = _checkpoint_to_resume(loop_config, ray.train.get_checkpoint(), console, rank)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(ckpt_io.weights_only_loads())  # DeepSpeed's loads included
         cdir = None
         if restored is not None:
             cdir = stack.enter_context(ckpt_io.local_copy(restored, loop_config["storage_options"]))
