@@ -9,8 +9,10 @@ One checkpoint is one directory (Ray Train merges what every rank reports)::
     model.pt              consolidated fp32 state dict (rank 0; stages 0-2)
     config.yaml           the run's config, redacted
     meta.json             step, world size, ZeRO stage, precision, model config, data URL
-    commit/rank{r}.json   written last by each rank: the checkpoint is complete only when
-                          every rank of meta.json's world size has its marker
+    commit/rank{r}.json   written last by each rank: the step, the world size and the size
+                          and sha256 of every file the rank wrote; the checkpoint is
+                          complete only when every rank of meta.json's world size has its
+                          marker, and intact when every listed file matches
 
 Every load is ``torch.load(..., weights_only=True)``: our files directly, ``ds/``
 through DeepSpeed's loaders inside :func:`weights_only_loads` (they ask for
@@ -25,6 +27,7 @@ parameter), which any partitioning loads. A ZeRO-sharded checkpoint without
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -103,10 +106,49 @@ def load_rank_state(directory: str | os.PathLike[str], rank: int) -> dict[str, A
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_commit(directory: str | os.PathLike[str], rank: int, step: int, world: int) -> None:
-    path = Path(directory, COMMIT_DIR)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / f"rank{rank}.json").write_text(json.dumps({"step": step, "world_size": world}))
+    """Rank ``rank``'s commit marker, written last: the step, the world size, and the size
+    and sha256 of every file this rank wrote into ``directory`` (its part of the checkpoint
+    Ray Train merges), so that a truncated or changed file is told from a good one."""
+    d = Path(directory)
+    files = {
+        str(p.relative_to(d)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(d.rglob("*"))
+        if p.is_file() and p.relative_to(d).parts[0] != COMMIT_DIR
+    }
+    (d / COMMIT_DIR).mkdir(parents=True, exist_ok=True)
+    marker = {"step": step, "world_size": world, "files": files}
+    (d / COMMIT_DIR / f"rank{rank}.json").write_text(json.dumps(marker, indent=1))
+
+
+def verify_contents(directory: str | os.PathLike[str]) -> None:
+    """Every file the commit markers list is there with its recorded size and sha256;
+    a :class:`CheckpointError` naming the file otherwise (markers of checkpoints written
+    before sizes were recorded list none)."""
+    d = Path(directory)
+    for marker in sorted((d / COMMIT_DIR).glob("rank*.json")):
+        for name, want in json.loads(marker.read_text()).get("files", {}).items():
+            path = d / name
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint {d}: {name} is missing ({marker.name} lists it)")
+            size = path.stat().st_size
+            if size != want["size"]:
+                raise CheckpointError(
+                    f"checkpoint {d}: {name} has {size:,} bytes, {marker.name} recorded "
+                    f"{want['size']:,} (truncated or changed)"
+                )
+            if _sha256(path) != want["sha256"]:
+                raise CheckpointError(
+                    f"checkpoint {d}: {name} does not match the sha256 {marker.name} recorded"
+                )
 
 
 def _check_complete(read: Callable[[str], bytes], where: str) -> dict[str, Any]:
@@ -267,6 +309,7 @@ def load_model(
 
     with local_copy(url, storage_options) as d:
         meta = verify_complete(d)
+        verify_contents(d)
         state = consolidated_state_dict(d)
     cfg = SparseTransformerConfig.from_dict(meta["model"])
     with torch.device("meta"):

@@ -157,27 +157,42 @@ def _universal_copy(stack: contextlib.ExitStack, cdir: str, key: str, local_rank
     return out
 
 
-def _checkpoint_to_resume(
-    loop_config: dict[str, Any], registered: Any, console: logging.Logger, rank: int
-) -> str | None:
-    """The newest complete checkpoint in the run folder (None for a fresh start).
+def _open_checkpoint_to_resume(
+    stack: contextlib.ExitStack,
+    loop_config: dict[str, Any],
+    registered: Any,
+    console: logging.Logger,
+    rank: int,
+) -> tuple[str | None, Path | None]:
+    """(URL, local folder kept open on ``stack``) of the checkpoint to resume from: the
+    newest complete one in the run folder whose files match its commit markers; (None,
+    None) for a fresh start.
 
     Ray Train hands a restarted worker the newest checkpoint it registered, but it takes
     reports from a queue it polls: a checkpoint reported just before the worker died can
-    be in storage, complete, and unknown to it. The commit markers tell complete
-    checkpoints apart, so the run folder itself is the record.
+    be in storage, complete, and unknown to it. So the run folder is the record, and the
+    commit markers tell complete checkpoints apart; a damaged one (a file truncated or
+    changed after its marker was written) is skipped, saying so, for the one before it.
     """
-    found = ckpt_io.complete_checkpoints(loop_config["run_dir"], loop_config["storage_options"])
-    if not found:
-        return None
-    step, url = found[-1]
-    if rank == 0 and (registered is None or Path(registered.path).name != Path(url).name):
-        console.info(
-            f"[train] resuming from the newest complete checkpoint in the run folder (step "
-            f"{step}), which Ray Train did not register: its report was lost when the worker "
-            "stopped"
-        )
-    return url
+    options = loop_config["storage_options"]
+    for step, url in reversed(ckpt_io.complete_checkpoints(loop_config["run_dir"], options)):
+        opened = contextlib.ExitStack()
+        local = opened.enter_context(ckpt_io.local_copy(url, options))
+        try:
+            ckpt_io.verify_contents(local)
+        except ckpt_io.CheckpointError as err:
+            opened.close()
+            if rank == 0:
+                console.info(f"[train] skipping the checkpoint of step {step}: {err}")
+            continue
+        stack.push(opened)
+        if rank == 0 and (registered is None or Path(registered.path).name != Path(url).name):
+            console.info(
+                f"[train] resuming from a checkpoint Ray Train did not register (step {step}): "
+                "its report was lost when the worker stopped, or a newer one was skipped"
+            )
+        return url, Path(local)
+    return None, None
 
 
 def _build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -216,12 +231,11 @@ def _train(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(t.torch_threads)
     precision = resolve_precision(cfg, on_gpu)
 
-    restored = _checkpoint_to_resume(loop_config, ray.train.get_checkpoint(), console, rank)
     with contextlib.ExitStack() as stack:
         stack.enter_context(ckpt_io.weights_only_loads())  # DeepSpeed's loads included
-        cdir = None
-        if restored is not None:
-            cdir = stack.enter_context(ckpt_io.local_copy(restored, loop_config["storage_options"]))
+        restored, cdir = _open_checkpoint_to_resume(
+            stack, loop_config, ray.train.get_checkpoint(), console, rank
+        )
         meta = ckpt_io.verify_complete(cdir) if cdir is not None else None
         universal = meta is not None and ckpt_io.needs_universal(meta, world, t.zero_stage)
         model = _build_model(cfg, device)

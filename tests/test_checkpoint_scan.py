@@ -71,3 +71,38 @@ def test_run_folder_in_s3(s3: tuple[str, dict[str, object]]) -> None:
     populate(lambda rel, text: fs.pipe_file(f"{root}/{rel}", text.encode()))
     found = complete_checkpoints(root, dict(options))
     assert found == [(8, f"{root}/checkpoint_a"), (16, f"{root}/checkpoint_b")]
+
+
+def test_commit_markers_record_each_files_size_and_hash(tmp_path: Path) -> None:
+    from sparse_transformer.distributed.checkpoint import (
+        CheckpointError,
+        verify_contents,
+        write_commit,
+    )
+
+    ckpt = tmp_path / "c"
+    (ckpt / "ds").mkdir(parents=True)
+    (ckpt / "ds" / "mp_rank_00_model_states.pt").write_bytes(b"w" * 5000)
+    (ckpt / META_FILE).write_text(json.dumps({"step": 3, "world_size": 1}))
+    write_commit(ckpt, 0, 3, 1)
+    marker = json.loads((ckpt / COMMIT_DIR / "rank0.json").read_text())
+    assert marker["step"] == 3 and sorted(marker["files"]) == ["ds/mp_rank_00_model_states.pt",
+                                                                 META_FILE]  # fmt: skip
+    assert marker["files"][META_FILE]["size"] == len((ckpt / META_FILE).read_bytes())
+    verify_complete(ckpt)
+    verify_contents(ckpt)
+
+    model = ckpt / "ds" / "mp_rank_00_model_states.pt"
+    model.write_bytes(b"w" * 2500)  # truncated after the marker was written
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt has 2,500 bytes"):
+        verify_contents(ckpt)
+    model.write_bytes(b"w" * 4999 + b"x")  # same size, other bytes
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        verify_contents(ckpt)
+    model.unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
+        verify_contents(ckpt)
+
+    # a marker written before sizes were recorded lists no files: nothing to compare
+    (ckpt / COMMIT_DIR / "rank0.json").write_text(json.dumps({"step": 3, "world_size": 1}))
+    verify_contents(ckpt)

@@ -9,6 +9,8 @@
 
 3. A worker dies right after a checkpoint was reported, before Ray Train registered it:
    the group resumes from that checkpoint (the newest complete one in the run folder).
+4. A checkpoint truncated after its commit markers were written is skipped for the one
+   before it.
 
 In every case the final parameters are bitwise equal to those of an uninterrupted run,
 and the batches that count (the last read of each (step, rank)) are the same ones.
@@ -103,6 +105,45 @@ def test_worker_killed_right_after_a_checkpoint_resumes_from_it(
     weights, expected_batches = baseline
     assert consumed(run_dir)[0] == expected_batches
     assert_bitwise_equal(final_weights(summary.checkpoint), weights)
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_is_skipped_for_the_one_before(
+    small_dataset: str,  # noqa: F811
+    tmp_path: Path,
+    local_ray: None,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The step-8 checkpoint's DeepSpeed file is cut in half after its commit marker was
+    written: the relaunch skips it, saying why, resumes from step 4 and finishes; eval
+    refuses it naming the file (the landed code failed every relaunch with torch's zip
+    error, naming neither the file nor the checkpoint)."""
+    import json
+    import shutil
+
+    from sparse_transformer.cli import main
+    from sparse_transformer.distributed.trainer import run_training
+    from tests.test_train import checkpoint_at
+
+    cfg = small_config(tmp_path, small_dataset, "cut", steps=8, checkpoint_every=4)
+    cfg.train.record_batches = False
+    run_training(cfg, verbose=False)
+    run_dir = tmp_path / "cut"
+    damaged = checkpoint_at(str(run_dir), 8) / "ds" / "mp_rank_00_model_states.pt"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    kept = tmp_path / "damaged"  # Ray Train removes it later (run.num_to_keep)
+    shutil.copytree(damaged.parent.parent, kept)
+
+    cfg.train.steps = 12
+    summary = run_training(cfg, verbose=False)
+    history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in history if "loss_bits" in m] == [4, 8, 8, 12]  # resumed at 4
+    assert summary.metrics["step"] == 12
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(kept)]) == 2
+    err = capsys.readouterr().err
+    assert "ds/mp_rank_00_model_states.pt has" in err and "truncated or changed" in err, err
 
 
 @pytest.mark.slow

@@ -311,7 +311,11 @@ def test_zero2_sharded_checkpoint_exports_a_consolidated_state_dict(
     full = consolidated_state_dict(ckpt)
     sharded = tmp_path / "shards-only"
     shutil.copytree(ckpt, sharded)
-    (sharded / MODEL_FILE).unlink()
+    (sharded / MODEL_FILE).unlink()  # as if never written (a ZeRO-3 checkpoint has none):
+    marker = sharded / "commit" / "rank0.json"  # rank 0's marker no longer lists it
+    recorded = json.loads(marker.read_text())
+    del recorded["files"][MODEL_FILE]
+    marker.write_text(json.dumps(recorded))
     exported = consolidated_state_dict(sharded)  # zero_to_fp32 from the optimizer shards
     assert exported.keys() == full.keys()
     assert all(torch.equal(exported[k], full[k]) for k in full)
