@@ -41,7 +41,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRISTATE = ("auto", "true", "false")
 REDACTED = "***"
 _SECRET_WORDS = ("secret", "key", "token", "password", "passwd", "cred")
-_SECRET_PARTS = ("sk", "pwd", "pass", "auth")  # whole parts of a key: ``sk``, ``db_pass``
+_SECRET_PARTS = ("sk", "pwd", "pass")  # whole parts of a key: ``sk``, ``db_pass``
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
@@ -535,7 +535,7 @@ def redact(obj: Any) -> Any:
     """A copy of ``obj`` with credential-like values replaced by ``"***"``.
 
     Mapping keys containing secret/key/token/password/passwd/cred (any case), with a
-    part (between separators) sk/pwd/pass/auth, or starting with ``AWS_`` have their
+    part (between separators) sk/pwd/pass, or starting with ``AWS_`` have their
     (non-empty, non-numeric) values replaced; user:password in URLs is removed;
     dataclasses become dicts. Works on nested dicts, lists, tuples and :class:`Config`.
     """
