@@ -192,7 +192,6 @@ class Scraper(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.run_name = url, run
         self.values: dict[str, float] = {}
-        self.scrapes = 0
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -201,7 +200,6 @@ class Scraper(threading.Thread):
         while not self.done.wait(1.0):
             with contextlib.suppress(OSError):
                 self.values.update(run_values(scrape(self.url), self.run_name))
-                self.scrapes += 1
 
     def finish(self, wait_s: float) -> dict[str, float]:
         """Keep scraping up to ``wait_s`` more seconds for gauges not seen yet."""
