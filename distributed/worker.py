@@ -134,7 +134,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         ) from err
 
 
-def _universal_copy(stack: contextlib.ExitStack, cdir: str, key: str, local_rank: int) -> Path:
+def _universal_copy(stack: contextlib.ExitStack, cdir: Path, key: str, local_rank: int) -> Path:
     """DeepSpeed's universal form of checkpoint ``cdir``, converted once per node.
 
     Local rank 0 converts into a node-local folder named after the checkpoint; the other
@@ -365,11 +365,15 @@ def _train(loop_config: dict[str, Any]) -> None:
         nats, tokens = collectives.all_reduce(total).tolist()  # one read per evaluation
         return float(nats_to_bits(nats / tokens)) if tokens > 0 else float("nan")
 
-    def save(step: int, metrics: dict[str, Any]) -> None:
-        # the open log window over all ranks: a resumed run reports the loss an
-        # uninterrupted one does, on any world size (rank 0 carries it on)
+    def window_over_ranks() -> list[float]:
+        """[sum of the losses over samples, samples] of the open log window, all ranks."""
         window = torch.stack([win_loss, win_loss.new_tensor(win_samples)])
-        window = collectives.all_reduce(window).tolist()
+        return collectives.all_reduce(window).tolist()  # the one read of the window
+
+    def save(step: int, metrics: dict[str, Any]) -> None:
+        # the checkpoint carries the open window: a resumed run reports the loss an
+        # uninterrupted one does, on any world size (rank 0 carries it on)
+        window = window_over_ranks()
         tmp = tempfile.mkdtemp(prefix=f"st-ckpt-{step:08d}-r{rank}-")
         try:
             engine.save_checkpoint(tmp, tag=ckpt_io.DS_TAG, client_state={"step": step})
@@ -478,8 +482,7 @@ def _train(loop_config: dict[str, Any]) -> None:
 
         metrics: dict[str, Any] | None = None
         if will_log:
-            window = torch.stack([win_loss, win_loss.new_tensor(win_samples)])
-            nats, count = collectives.all_reduce(window).tolist()  # the window's one read
+            nats, count = window_over_ranks()
             # step times are the host's; this one includes waiting for the device's queue
             win_time += time.perf_counter() - t0
             tokens = win_steps * d.global_batch_size * cfg.seq_len
