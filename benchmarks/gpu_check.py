@@ -104,8 +104,13 @@ class Plan:
     checkpoint_every: int = 0
     kill_at: int = -1  # the worker dies before this step (0-based) in the first attempt
     overflow_at: int = -1  # this step's gradients overflow (0-based)
-    model: list[str] = field(default_factory=list)  # model.* overrides (CPU smoke)
+    model: list[str] = field(default_factory=list)  # model.* overrides
     extra: list[str] = field(default_factory=list)
+
+    @property
+    def resume_step(self) -> int:
+        """The last checkpoint before the worker is killed: where the restart resumes."""
+        return self.kill_at // self.checkpoint_every * self.checkpoint_every
 
 
 @dataclass
@@ -239,12 +244,12 @@ def natural_overflows(run: Run, injected: int) -> list[int]:
 
 
 def check_no_late_skips(report: Report, label: str, run: Run, plan: Plan, first_few: int) -> None:
-    late = [s for s in natural_overflows(run, plan.overflow_at) if s > first_few]
+    skipped = natural_overflows(run, plan.overflow_at)
     steps = run.steps()
     report.check(
         f"{label}: no skipped steps after the first {first_few}",
-        not late,
-        f"natural skips at steps {natural_overflows(run, plan.overflow_at) or 'none'}; loss "
+        all(s <= first_few for s in skipped),
+        f"natural skips at steps {skipped or 'none'}; loss "
         f"scale {steps[max(steps)]['loss_scale']:g} at the end",
     )
 
@@ -277,7 +282,7 @@ def resumed_from(run: Run) -> int | None:
 def check_restart(report: Report, label: str, run: Run, plan: Plan) -> None:
     from sparse_transformer.distributed.checkpoint import verify_complete
 
-    expected = plan.kill_at // plan.checkpoint_every * plan.checkpoint_every
+    expected = plan.resume_step
     marker = run.local_dir / ".fault-injected"
     final = verify_complete(run.summary.checkpoint)["step"] if run.summary.checkpoint else None
     got = resumed_from(run)
@@ -393,29 +398,25 @@ def section_cifar10(report: Report, env: Env, plan: Plan, label: str) -> None:
 def _weights(checkpoint: str) -> dict[str, Any]:
     """The checkpoint's consolidated weights and, with ZeRO, its fp32 master weights."""
     from sparse_transformer.distributed.checkpoint import (
-        DS_TAG,
         consolidated_state_dict,
+        fp32_master_weights,
         verify_complete,
     )
 
     out = dict(consolidated_state_dict(checkpoint))
     if verify_complete(checkpoint).get("zero_stage", 0) >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            masters = get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag=DS_TAG)
-        out.update({f"fp32 master {k}": v for k, v in masters.items()})
+        out.update({f"fp32 master {k}": v for k, v in fp32_master_weights(checkpoint).items()})
     return out
 
 
-def compare_weights(a: str, b: str) -> tuple[list[str], float]:
-    """(names of the tensors that differ, largest absolute difference) of two checkpoints."""
+def compare_weights(a: str, b: str) -> tuple[list[str], float, int]:
+    """(names of the tensors that differ, largest absolute difference, tensors compared)."""
     wa, wb = _weights(a), _weights(b)
     if wa.keys() != wb.keys():
-        return sorted(wa.keys() ^ wb.keys()), math.inf
+        return sorted(wa.keys() ^ wb.keys()), math.inf, len(wa)
     differ = [k for k in wa if not wa[k].equal(wb[k])]
     worst = max(((wa[k].float() - wb[k].float()).abs().max().item() for k in differ), default=0.0)
-    return differ, worst
+    return differ, worst, len(wa)
 
 
 def flagged_ops(env: Env) -> list[str]:
@@ -450,9 +451,8 @@ def compare_resumed(
     whole = dataclasses.replace(plan, kill_at=-1)
     a = train(env, whole, run_name(f"{label}-whole"), deterministic=deterministic)
     b = train(env, plan, run_name(f"{label}-resumed"), deterministic=deterministic)
-    differ, worst = compare_weights(a.summary.checkpoint, b.summary.checkpoint)
-    n = len(_weights(a.summary.checkpoint))
-    expected = plan.kill_at // plan.checkpoint_every * plan.checkpoint_every
+    differ, worst, n = compare_weights(a.summary.checkpoint, b.summary.checkpoint)
+    expected = plan.resume_step
     same = not differ and resumed_from(b) == expected
     launch_a = a.steps()[plan.steps].get("attention_launch_configs")
     launch_b = b.steps()[plan.steps].get("attention_launch_configs")

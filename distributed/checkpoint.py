@@ -291,10 +291,20 @@ def consolidated_state_dict(directory: str | os.PathLike[str]) -> dict[str, torc
             return torch.load(d / MODEL_FILE, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, OSError) as err:
             raise CheckpointError(f"checkpoint {d}: {MODEL_FILE} cannot be read ({err})") from err
+    return fp32_master_weights(d)
+
+
+def fp32_master_weights(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The fp32 weights a ZeRO checkpoint's optimizer shards hold, consolidated with
+    DeepSpeed's ``zero_to_fp32`` (inside :func:`weights_only_loads`)."""
+    import contextlib
+    import io
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    d = Path(directory)
     try:
-        with weights_only_loads():
+        with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):  # its chatter
             return dict(get_fp32_state_dict_from_zero_checkpoint(str(d), tag=DS_TAG))
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0]
