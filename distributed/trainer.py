@@ -232,10 +232,9 @@ class RayInstance:
 
 def _metrics_url() -> str | None:
     """The Prometheus endpoint of this process's local Ray node (None if unknown)."""
-    import ray
+    import ray._private.worker  # no public API says where the node's metrics are served
 
-    node = getattr(getattr(ray, "_private", None), "worker", None)
-    node = getattr(getattr(node, "global_worker", None), "node", None)
+    node = getattr(ray._private.worker.global_worker, "node", None)
     port = getattr(node, "metrics_export_port", None)
     return f"http://127.0.0.1:{port}/metrics" if port else None
 
@@ -378,14 +377,14 @@ def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
 __all__ = [
     "ConfigError",
     "DataSetupError",
+    "RayInstance",
     "StorageError",
     "TrainSummary",
-    "RayInstance",
     "TrainingError",
     "build_trainer",
+    "check_storage",
     "include_dashboard",
     "init_ray",
-    "check_storage",
     "prepare_data",
     "run_training",
 ]
