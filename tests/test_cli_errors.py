@@ -79,7 +79,7 @@ CASES = {
     "damaged manifest": (damaged_dataset, 2, ["manifest.json"]),
     "dataset of another source": (another_source, 2, ["already holds text", "data.prepare=false"]),
     "missing checkpoint": (lambda t: ["eval", "--checkpoint", str(t / "nope")], 2, ["nope"]),
-    "a run folder": (run_folder, 2, ["run folder", "checkpoint_b", "step 8"]),
+    "a run folder, its newest checkpoint damaged": (run_folder, 2, ["checkpoint_b/ds"]),
     "truncated model.pt": (truncated_model, 2, ["model.pt", "cannot be read"]),
     "negative sample length": (lambda t: ["sample", "--checkpoint", str(t), "--length", "-5"], 2,
                                ["--length", "must be >= 0"]),

@@ -226,6 +226,11 @@ def test_two_workers_train_resume_eval_sample(
     assert result["step"] == 24 and 0 < result["loss_bits"] < 8
     assert main(["sample", "--checkpoint", summary2.checkpoint, "--length", "20"]) == 0
     assert capsys.readouterr().out.startswith("The ")
+    # a run folder stands for its newest complete checkpoint, named on stderr
+    assert main(["eval", "--checkpoint", str(run_dir), "--batches", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1]) == result
+    assert f"newest complete checkpoint, step 24: {summary2.checkpoint}" in err
 
 
 @pytest.mark.slow
