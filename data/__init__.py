@@ -27,7 +27,8 @@ Public API (see docs/data.md for the details):
   prefetch=2, num_threads=2, batched=False, dtype=torch.int64, verify=True, cache_dir=None,
   cache_limit_bytes=None, storage_options=None, retry=None)`` with ``state_dict()``,
   ``load_state_dict()``, ``set_epoch()``, ``reset()``, ``loader()``, ``load_shard()``
-- ``load_manifest(url, storage_options=None) -> Manifest``
+- ``load_manifest(url, storage_options=None) -> Manifest``; ``check_shards(manifest,
+  storage_options=None)``: every listed shard is in storage at its recorded size
 - ``EpochOrder``, ``BatchPlan`` (the order), ``RetryPolicy``, ``ShardCache``,
   ``mu_law_encode`` / ``mu_law_decode``, ``SOURCES``, the errors in ``errors``.
 """
@@ -46,6 +47,7 @@ _EXPORTS = {
     "SplitInfo": "sparse_transformer.data.manifest",
     "ShardInfo": "sparse_transformer.data.manifest",
     "load_manifest": "sparse_transformer.data.manifest",
+    "check_shards": "sparse_transformer.data.manifest",
     "EpochOrder": "sparse_transformer.data.order",
     "BatchPlan": "sparse_transformer.data.order",
     "RetryPolicy": "sparse_transformer.data.retry",
@@ -57,6 +59,7 @@ _EXPORTS = {
     "MalformedSourceError": "sparse_transformer.data.errors",
     "ChecksumMismatchError": "sparse_transformer.data.errors",
     "CorruptShardError": "sparse_transformer.data.errors",
+    "MissingShardError": "sparse_transformer.data.errors",
     "ManifestError": "sparse_transformer.data.errors",
     "DownloadError": "sparse_transformer.data.errors",
     "RetriesExhaustedError": "sparse_transformer.data.errors",

@@ -23,6 +23,10 @@ class ChecksumMismatchError(DataError):
     """A file or shard does not have the checksum its manifest or registry records."""
 
 
+class MissingShardError(DataError, FileNotFoundError):
+    """A shard the manifest lists is not in storage (deleted, moved, or never copied)."""
+
+
 class CorruptShardError(DataError):
     """A shard could be read but is not a valid shard of its manifest (bad Parquet, wrong shape)."""
 

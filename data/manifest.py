@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sparse_transformer.data import storage
-from sparse_transformer.data.errors import ManifestError
+from sparse_transformer.data.errors import ChecksumMismatchError, ManifestError, MissingShardError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sparse-transformer-shards"
@@ -167,3 +167,40 @@ def load_manifest(
             f"{url}: no manifest (the dataset does not exist or its preparation did not finish)"
         ) from None
     return Manifest.from_json(text, url=url)
+
+
+def check_shards(manifest: Manifest, storage_options: dict[str, Any] | None = None) -> None:
+    """Every shard the manifest lists is in storage with the size it records, or a
+    :class:`MissingShardError` / :class:`ChecksumMismatchError` naming the first few that
+    are not. One listing of the dataset folder: cheap enough to run before every run."""
+    if manifest.url is None:
+        raise ManifestError("manifest has no URL: load it with load_manifest()")
+    root_url = manifest.url.rsplit("/", 1)[0]
+    fs, root = storage.filesystem(root_url, storage_options)
+    sizes = {path: int(info.get("size") or 0) for path, info in fs.find(root, detail=True).items()}
+    prefix = fs._strip_protocol(root).rstrip("/")  # noqa: SLF001 - fsspec's own URL -> path
+    missing, resized = [], []
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            size = sizes.get(f"{prefix}/{shard.path}")
+            if size is None:
+                missing.append(shard.path)
+            elif size != shard.num_bytes:
+                resized.append(
+                    f"{shard.path} ({size:,} bytes, the manifest says {shard.num_bytes:,})"
+                )
+    if missing:
+        raise MissingShardError(
+            f"{root_url}: {len(missing)} shard(s) the manifest lists are not in storage: "
+            f"{_first(missing)}"
+        )
+    if resized:
+        raise ChecksumMismatchError(
+            f"{root_url}: {len(resized)} shard(s) differ from the manifest (replaced or "
+            f"truncated): {_first(resized)}"
+        )
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sparse_transformer.data import storage
 from sparse_transformer.data.cache import ShardCache
-from sparse_transformer.data.errors import ChecksumMismatchError
+from sparse_transformer.data.errors import ChecksumMismatchError, MissingShardError
 from sparse_transformer.data.manifest import Manifest, ShardInfo, load_manifest
 from sparse_transformer.data.order import BatchPlan, EpochOrder
 from sparse_transformer.data.retry import RetryPolicy, retry_call
@@ -404,7 +404,7 @@ class StreamingDataset(IterableDataset):
         try:
             data = retry_call(lambda: fs.cat_file(path), what=f"shard {url}", policy=self.retry)
         except FileNotFoundError:
-            raise FileNotFoundError(f"shard {url}: not found in storage") from None
+            raise MissingShardError(f"shard {url}: not found in storage") from None
         self.stats.add_fetch(len(data))
         if len(data) != shard.num_bytes:
             raise ChecksumMismatchError(

@@ -81,12 +81,20 @@ def _train(args: argparse.Namespace) -> int:
         DataSetupError,
         StorageError,
         TrainingError,
+        run_dir,
         run_training,
     )
 
     start = time.time()
     try:
         summary = run_training(cfg)
+    except KeyboardInterrupt:  # before training started, or a second signal
+        print(
+            f"sparse-transformer train: stopped at once; a relaunch resumes from the newest "
+            f"complete checkpoint in {run_dir(cfg)}",
+            file=sys.stderr,
+        )
+        return 130
     except (ConfigError, DataSetupError) as err:  # found on the driver before training
         print(f"sparse-transformer train: {err}", file=sys.stderr)
         return 2
@@ -97,6 +105,14 @@ def _train(args: argparse.Namespace) -> int:
         print(f"sparse-transformer train: {err}", file=sys.stderr)
         return 1
     m = summary.metrics
+    if summary.stopped:
+        print(
+            f"[train] stopped by {summary.stopped} at step {m.get('step')} after "
+            f"{time.time() - start:.0f} s; checkpoint {summary.checkpoint}. "
+            "Run the same command again to resume from it.",
+            file=sys.stderr,
+        )
+        return 143 if summary.stopped == "SIGTERM" else 130
     print(f"[train] finished in {time.time() - start:.0f} s; run folder {summary.run_dir}")
     if summary.checkpoint:
         print(f"[train] last checkpoint: {summary.checkpoint}")

@@ -43,32 +43,31 @@ class TrainingError(RuntimeError):
     full, followed by the worker traceback of the lowest failed rank.
     """
 
-    def __init__(self, worker_failures: dict[int, BaseException]) -> None:
+    def __init__(self, worker_failures: dict[int, BaseException], permanent: bool = False) -> None:
         self.worker_failures = dict(worker_failures)
-        super().__init__(describe_worker_failures(self.worker_failures))
+        self.permanent = permanent
+        super().__init__(describe_worker_failures(self.worker_failures, permanent))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.worker_failures,))
+        return (type(self), (self.worker_failures, self.permanent))
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    # a RayTaskError wraps the worker's exception as ``cause``
-    cause = getattr(err, "cause", None)
-    return cause if isinstance(cause, BaseException) else err
+def describe_worker_failures(failures: dict[int, BaseException], permanent: bool = False) -> str:
+    """One line per failed rank (its error's first line), then the lowest rank's text.
+    ``permanent``: the error would recur, so Ray Train did not restart the workers."""
+    from sparse_transformer.distributed.failures import root_cause, worker_report
 
-
-def describe_worker_failures(failures: dict[int, BaseException]) -> str:
-    """One line per failed rank (its error's first line), then the lowest rank's text."""
     if not failures:
         return "training failed (no worker reported an error)"
     ranks = sorted(failures)
-    lines = [f"training failed on {len(ranks)} worker(s), ranks {', '.join(map(str, ranks))}:"]
+    why = " (a permanent error: not retried)" if permanent else ""
+    lines = [f"training failed on {len(ranks)} worker(s), ranks {', '.join(map(str, ranks))}{why}:"]
     for rank in ranks:
-        cause = _root_cause(failures[rank])
+        cause = root_cause(failures[rank])
         first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         lines.append(f"  rank {rank}: {first}")
     lines.append(f"--- rank {ranks[0]} in full ---")
-    lines.append(str(_root_cause(failures[ranks[0]])).rstrip())
+    lines.append(worker_report(failures[ranks[0]]).rstrip())
     return "\n".join(lines)
 
 
@@ -79,6 +78,7 @@ class TrainSummary:
     metrics: dict[str, Any]
     checkpoint: str | None
     run_dir: str
+    stopped: str | None = None  # the signal that stopped the run early (SIGINT, SIGTERM)
 
 
 def ray_environment() -> dict[str, str]:
@@ -158,12 +158,13 @@ def check_storage(cfg: Config) -> None:
 
 def prepare_data(cfg: Config) -> str:
     """The dataset URL, prepared (once; reused afterwards) when ``data.prepare`` is set,
-    its manifest read back; a :class:`DataSetupError` naming the dataset otherwise.
+    its manifest read back and every shard it lists found in storage at its size; a
+    :class:`DataSetupError` naming the dataset otherwise.
 
     An existing dataset of another source, or one whose manifest cannot be read, is an
     error: nothing is ever rebuilt over it implicitly.
     """
-    from sparse_transformer.data import load_manifest, prepare
+    from sparse_transformer.data import check_shards, load_manifest, prepare
     from sparse_transformer.data.errors import DataError
 
     url = data_url(cfg)
@@ -178,7 +179,7 @@ def prepare_data(cfg: Config) -> str:
                 storage_options=options,
                 overwrite=False,
             )
-        load_manifest(url, options)
+        check_shards(load_manifest(url, options), options)
     except (DataError, ValueError) as err:
         raise DataSetupError(redact_url(str(err))) from err
     return url
@@ -301,6 +302,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from sparse_transformer.distributed.failures import StopOnPermanentError
     from sparse_transformer.distributed.worker import train_loop
 
     gpu = use_gpu(cfg)
@@ -321,6 +323,7 @@ def build_trainer(
         storage_filesystem=fs,
         failure_config=FailureConfig(max_failures=cfg.run.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+        callbacks=[StopOnPermanentError()],
     )
     loop_config = {
         "config": cfg.to_dict(),
@@ -351,23 +354,30 @@ def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
     url = prepare_data(cfg)  # before Ray starts: a bad dataset fails here, naming it
     import ray
 
+    from sparse_transformer.distributed.failures import permanent_failure
+    from sparse_transformer.distributed.stopping import fit_beside_signals, stop_on_signals
+
     instance = init_ray(cfg)
     try:
         if verbose and instance.dashboard_url:
             print(f"[train] Ray dashboard: {instance.dashboard_url}", flush=True)
         if verbose and instance.metrics_url:
             print(f"[train] Prometheus metrics: {instance.metrics_url}", flush=True)
-        trainer = build_trainer(cfg, data_url=url)
         try:
-            result = trainer.fit()
+            with stop_on_signals(verbose) as flag:
+                trainer = build_trainer(cfg, data_url=url, extra={"stop_flag": flag})
+                result = fit_beside_signals(trainer) if flag else trainer.fit()
         except Exception as err:
+            if (permanent := permanent_failure(err)) is not None:
+                raise TrainingError(permanent.worker_failures, permanent=True) from err
             failures = getattr(err, "worker_failures", None)
             if isinstance(failures, dict) and failures:
                 raise TrainingError(failures) from err
             raise
         ckpt = result.checkpoint.path if result.checkpoint is not None else None
+        metrics = dict(result.metrics or {})
         return TrainSummary(
-            metrics=dict(result.metrics or {}), checkpoint=ckpt, run_dir=run_dir(cfg)
+            metrics=metrics, checkpoint=ckpt, run_dir=run_dir(cfg), stopped=metrics.get("stopped")
         )
     finally:
         if instance.started:

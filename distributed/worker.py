@@ -10,7 +10,9 @@ rank, the redacted config, a consolidated state dict and one commit marker per
 rank written last) that it reports with ``ray.train.report``. On start it restores
 the newest complete checkpoint in the run folder (at least as new as
 ``ray.train.get_checkpoint()``), so a restarted group (or a relaunched job)
-continues exactly where it stopped.
+continues exactly where it stopped. When the driver asks the run to stop (SIGINT or
+SIGTERM, :mod:`sparse_transformer.distributed.stopping`), every rank stops after the
+same step and saves a checkpoint there.
 
 Metrics go to ``ray.train.report`` (every ``train.log_every`` steps), to
 ``ray.util.metrics`` gauges (rank 0, tag ``run``) and to TensorBoard events in
@@ -48,6 +50,7 @@ from sparse_transformer.distributed.config import (
     resolve_precision,
 )
 from sparse_transformer.distributed.monitoring import METRIC_NAMES, gauge_name
+from sparse_transformer.distributed.stopping import StopWatcher
 
 
 class _Exporter:
@@ -127,11 +130,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     try:
         _train(loop_config)
     except Exception as err:
+        from sparse_transformer.distributed.failures import WorkerRankError
+
         # Ray shows this on the driver; name the rank and keep the worker's traceback.
-        raise RuntimeError(
-            f"training worker rank {rank} failed: {type(err).__name__}: {err}\n"
-            f"--- worker traceback (rank {rank}) ---\n{traceback.format_exc()}"
-        ) from err
+        raise WorkerRankError.of(rank, err, traceback.format_exc()) from err
 
 
 def _universal_copy(stack: contextlib.ExitStack, cdir: Path, key: str, local_rank: int) -> Path:
@@ -443,6 +445,7 @@ def _train(loop_config: dict[str, Any]) -> None:
     win_steps = 0
     grad_norm = float("nan")
     last_val: float | None = None
+    stopper = StopWatcher(loop_config.get("stop_flag"), world, device)
     engine.train()
     while step < t.steps:
         maybe_fault(step)
@@ -479,6 +482,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         step += 1
         win_wait += wait
         win_steps += 1
+        stopping = step < t.steps and stopper.should_stop()  # the same on every rank
 
         metrics: dict[str, Any] | None = None
         if will_log:
@@ -505,7 +509,9 @@ def _train(loop_config: dict[str, Any]) -> None:
         else:
             win_time += time.perf_counter() - t0
         do_eval = step == t.steps or (t.eval_every and step % t.eval_every == 0)
-        do_ckpt = step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0)
+        do_ckpt = (
+            step == t.steps or stopping or (t.checkpoint_every and step % t.checkpoint_every == 0)
+        )
         if do_eval:
             last_val = evaluate()
             metrics = metrics or {"step": step}
@@ -528,10 +534,16 @@ def _train(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 metrics = metrics or {"step": step}
                 metrics["sample"] = text
+        if stopping:
+            metrics = {**(metrics or {"step": step}), "stopped": stopper.reason}
+            if rank == 0:
+                console.info(f"[train] step {step}: stopping ({stopper.reason}), checkpointing")
         if do_ckpt:
             save(step, metrics or {"step": step})
         elif metrics is not None:
             ray.train.report(metrics)
+        if stopping:
+            break
     if exporter is not None:
         exporter.close()
     del loader_iter

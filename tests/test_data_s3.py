@@ -16,9 +16,11 @@ import pytest
 from sparse_transformer.data import (
     ChecksumMismatchError,
     MalformedSourceError,
+    MissingShardError,
     RetriesExhaustedError,
     RetryPolicy,
     StreamingDataset,
+    check_shards,
     load_manifest,
     prepare,
 )
@@ -207,9 +209,12 @@ def test_corrupted_shard_on_s3_fails_clearly_and_fast(s3: tuple[str, dict], tmp_
     t0 = time.monotonic()
     with pytest.raises(ChecksumMismatchError, match=rf"shard {url}/train/00002\.parquet: sha256"):
         list(StreamingDataset(url, **kw))
+    check_shards(load_manifest(url, opts), opts)  # same size: only the sha256 tells
     fs.rm_file(key)
-    with pytest.raises(FileNotFoundError, match=rf"shard {url}/train/00002\.parquet: not found"):
+    with pytest.raises(MissingShardError, match=rf"shard {url}/train/00002\.parquet: not found"):
         list(StreamingDataset(url, **kw))
+    with pytest.raises(MissingShardError, match=r"not in storage: train/00002\.parquet$"):
+        check_shards(load_manifest(url, opts), opts)
     assert time.monotonic() - t0 < 10  # permanent errors are not retried
 
 

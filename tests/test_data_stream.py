@@ -16,7 +16,10 @@ from sparse_transformer.data import (
     CorruptShardError,
     EpochOrder,
     ManifestError,
+    MissingShardError,
     StreamingDataset,
+    check_shards,
+    load_manifest,
     prepare,
 )
 
@@ -292,13 +295,18 @@ def test_corrupt_truncated_and_missing_shards_fail_naming_the_shard(
     shard.write_bytes(bytes(blob[:-100]))
     with pytest.raises(ChecksumMismatchError, match=r"00004\.parquet: .* bytes, the manifest says"):
         list(StreamingDataset(url, **kw))
+    # the driver's check before a run finds it too, from one listing of the folder
+    with pytest.raises(ChecksumMismatchError, match=r"1 shard\(s\) differ.*train/00004\.parquet"):
+        check_shards(load_manifest(url))
 
     shard.unlink()
+    with pytest.raises(MissingShardError, match=r"1 shard\(s\) .* not in storage: train/00004"):
+        check_shards(load_manifest(url))
     ds = StreamingDataset(url, **kw)
     it = iter(ds)
     got = [ids_of(next(it)) for _ in range(3)]  # shards 0-3 are fine: 40 samples
     assert got[0][0] == 0
-    with pytest.raises(FileNotFoundError, match=r"shard .*train/00004\.parquet: not found"):
+    with pytest.raises(MissingShardError, match=r"shard .*train/00004\.parquet: not found"):
         list(it)
 
 

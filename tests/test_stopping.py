@@ -1,0 +1,94 @@
+"""SIGINT or SIGTERM to ``sparse-transformer train``: a clean stop, a registered
+checkpoint, one line saying how to resume, and no Ray process left behind.
+
+The driver runs as a real subprocess with its own local Ray instance (2 CPU workers);
+the signal goes to the driver alone, as ``kill`` sends it (a terminal's Ctrl-C also
+reaches Ray's processes, which block SIGINT).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from sparse_transformer.distributed.checkpoint import complete_checkpoints, verify_contents
+from tests.test_train import small_config_doc, small_dataset  # noqa: F401 - fixture
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+        time.sleep(0.5)
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_at_a_step_with_a_checkpoint_and_no_ray_left(
+    sig: signal.Signals,
+    code: int,
+    small_dataset: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    doc = small_config_doc(tmp_path, small_dataset, "stopped", steps=10_000, log_every=2)
+    doc["train"].update(eval_every=0, checkpoint_every=0, record_batches=False)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "sparse_transformer", "train", "--config", str(tmp_path / "c.yaml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    run_dir = tmp_path / "stopped"
+    try:
+        _wait_for(lambda: len(_logged_steps(run_dir)) >= 2, 240, "two logged steps")
+        ray_processes = psutil.Process(driver.pid).children(recursive=True)
+        assert ray_processes
+        driver.send_signal(sig)
+        out, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == code, out
+
+    # the workers stopped after one step, checkpointed it, and Ray Train registered it
+    found = complete_checkpoints(str(run_dir))
+    assert len(found) == 1, found
+    step, url = found[0]
+    verify_contents(url)
+    assert 0 < step < 10_000
+    assert _logged_steps(run_dir)[-1] <= step
+    snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    assert Path(url).name in snapshot  # registered, not an orphan
+    lines = [line for line in out.splitlines() if "stopped by" in line]
+    assert lines == [
+        f"[train] stopped by {sig.name} at step {step} after {lines[0].split(' after ')[1]}"
+    ], out
+    assert f"checkpoint {url}. Run the same command again to resume from it." in lines[0]
+    assert "Traceback" not in out
+
+    # nothing the driver started is still running
+    def all_gone() -> bool:
+        return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_processes)
+
+    _wait_for(all_gone, 30, "the driver's Ray processes to exit")
