@@ -64,8 +64,8 @@ def describe_worker_failures(failures: dict[int, BaseException], permanent: bool
     lines = [f"training failed on {len(ranks)} worker(s), ranks {', '.join(map(str, ranks))}{why}:"]
     for rank in ranks:
         cause = root_cause(failures[rank])
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        lines.append(f"  rank {rank}: {first}")
+        first = (str(cause).strip().splitlines() or [""])[0]
+        lines.append(f"  rank {rank}: {type(cause).__name__}: {first}")
     lines.append(f"--- rank {ranks[0]} in full ---")
     lines.append(worker_report(failures[ranks[0]]).rstrip())
     return "\n".join(lines)
@@ -241,8 +241,15 @@ def _metrics_url() -> str | None:
 
 
 def init_ray(cfg: Config) -> RayInstance:
-    """Start (``run.ray_address=local``) or join Ray, unless this process already has."""
+    """Start (``run.ray_address=local``) or join Ray, unless this process already has.
+    A local instance listens on loopback only (:mod:`.loopback`)."""
     import ray
+
+    from sparse_transformer.distributed.loopback import (
+        LOOPBACK,
+        confine_to_loopback,
+        private_auth_token,
+    )
 
     if ray.is_initialized():
         return RayInstance(started=False)
@@ -253,12 +260,14 @@ def init_ray(cfg: Config) -> RayInstance:
     if cfg.run.ray_address != "local":
         ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": env})
         return RayInstance(started=True)
+    confine_to_loopback()
+    private_auth_token()
     context = ray.init(
         address="local",
         num_cpus=cfg.run.num_cpus or None,
         include_dashboard=include_dashboard(cfg),
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
+        dashboard_host=LOOPBACK,
+        _node_ip_address=LOOPBACK,
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )

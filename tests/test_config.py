@@ -269,24 +269,23 @@ class WrappedError(Exception):
 
 
 def test_worker_failures_are_described_rank_by_rank() -> None:
+    from sparse_transformer.distributed.failures import WorkerRankError
     from sparse_transformer.distributed.trainer import TrainingError
 
     long_tb = "\n".join(f"  frame {i}" for i in range(3000))
     err = TrainingError(
         {
-            1: WrappedError(
-                RuntimeError(f"training worker rank 1 failed: ValueError: bad b\n{long_tb}")
-            ),
-            0: WrappedError(
-                RuntimeError(f"training worker rank 0 failed: ValueError: bad a\n{long_tb}")
-            ),
+            1: WrappedError(WorkerRankError(1, ValueError("bad b"), long_tb)),
+            0: WrappedError(WorkerRankError(0, ValueError("bad a"), long_tb)),
         }
     )
     lines = str(err).splitlines()
     assert lines[0] == "training failed on 2 worker(s), ranks 0, 1:"
-    assert lines[1] == "  rank 0: training worker rank 0 failed: ValueError: bad a"
-    assert lines[2] == "  rank 1: training worker rank 1 failed: ValueError: bad b"
-    assert lines[3] == "--- rank 0 in full ---" and lines[-1] == "  frame 2999"
+    assert lines[1] == "  rank 0: ValueError: bad a"
+    assert lines[2] == "  rank 1: ValueError: bad b"
+    assert lines[3] == "--- rank 0 in full ---"
+    assert lines[4] == "training worker rank 0 failed: ValueError: bad a"
+    assert lines[5] == "--- worker traceback (rank 0) ---" and lines[-1] == "  frame 2999"
     import pickle
 
     assert str(pickle.loads(pickle.dumps(err))) == str(err)

@@ -3,7 +3,8 @@ checkpoint, one line saying how to resume, and no Ray process left behind.
 
 The driver runs as a real subprocess with its own local Ray instance (2 CPU workers);
 the signal goes to the driver alone, as ``kill`` sends it (a terminal's Ctrl-C also
-reaches Ray's processes, which block SIGINT).
+reaches Ray's processes, which block SIGINT). While it trains, its sockets are checked:
+only PyTorch's rendezvous store may listen beyond loopback.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 import yaml
 
 from sparse_transformer.distributed.checkpoint import complete_checkpoints, verify_contents
+from tests.test_loopback import is_loopback, listening
 from tests.test_train import small_config_doc, small_dataset  # noqa: F401 - fixture
 
 
@@ -64,6 +66,10 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_no_ray_left(
         _wait_for(lambda: len(_logged_steps(run_dir)) >= 2, 240, "two logged steps")
         ray_processes = psutil.Process(driver.pid).children(recursive=True)
         assert ray_processes
+        # while it trains, only PyTorch's rendezvous store (rank 0) is beyond loopback
+        sockets = listening([psutil.Process(driver.pid), *ray_processes])
+        outside = [s for s in sockets if not is_loopback(s[1])]
+        assert len(outside) <= 1 and all("RayTrainWorker" in s[0] for s in outside), outside
         driver.send_signal(sig)
         out, _ = driver.communicate(timeout=120)
     finally:
