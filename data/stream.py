@@ -266,6 +266,11 @@ class StreamingDataset(IterableDataset):
         return self._split.num_samples
 
     @property
+    def num_shards(self) -> int:
+        """Shards of the split (``load_shard`` takes 0 .. num_shards - 1)."""
+        return len(self._split.shards)
+
+    @property
     def epoch(self) -> int:
         """The current epoch."""
         return self._epoch

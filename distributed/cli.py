@@ -12,9 +12,11 @@ are consolidated) or a run folder's newest complete one. Heavy imports stay insi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -201,10 +203,13 @@ def _eval(args: argparse.Namespace) -> int:
         storage_options=opts or None,
     )
     total, count = 0.0, 0
+    batches = (
+        itertools.islice(ds.loader(), args.batches)
+        if args.batches
+        else _whole_split(ds, args.batch_size)
+    )
     with torch.no_grad():
-        for i, batch in enumerate(ds.loader()):
-            if args.batches and i >= args.batches:
-                break
+        for batch in batches:
             batch = batch.to(device)
             targets = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -1)], dim=1)
             _, loss = model(batch, targets)
@@ -223,6 +228,22 @@ def _eval(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _whole_split(ds: Any, batch_size: int) -> Iterator[Any]:
+    """Every sample of the dataset's split once, in storage order, in batches of
+    ``batch_size`` with a shorter last one (the loader drops the remainder)."""
+    import numpy as np
+    import torch
+
+    pending = np.empty((0, ds.seq_len), dtype=np.uint8)
+    for index in range(ds.num_shards):
+        pending = np.concatenate([pending, ds.load_shard(index)])
+        while len(pending) >= batch_size:
+            yield torch.from_numpy(pending[:batch_size].astype(np.int64))
+            pending = pending[batch_size:]
+    if len(pending):
+        yield torch.from_numpy(pending.astype(np.int64))
 
 
 def _sample(args: argparse.Namespace) -> int:

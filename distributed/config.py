@@ -487,6 +487,7 @@ def load_config(
         raise ConfigError(f"config: {path} is not valid YAML{at}: {problem}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"config: {path} does not hold a mapping")
+    doc.pop("runtime_env", None)  # the Ray job's runtime environment: `submit` reads it
     return _build(apply_overrides(doc, overrides), name=name)
 
 

@@ -1,8 +1,8 @@
 """The trainer's metrics as Prometheus sees them, and reading them back.
 
-Rank 0 sets one ``ray.util.metrics`` gauge per entry of :data:`METRIC_NAMES` (tag
-``run``); Ray's metrics agent serves them on the node's Prometheus endpoint as
-``ray_sparse_transformer_<name>``. :func:`scrape` reads such an endpoint with
+Rank 0 sets one ``ray.util.metrics`` gauge per entry of :data:`METRIC_NAMES` and
+:data:`EVAL_METRIC_NAMES` (tag ``run``); Ray's metrics agent serves them on the node's
+Prometheus endpoint as ``ray_sparse_transformer_<name>``. :func:`scrape` reads such an endpoint with
 Prometheus' own text parser (the tests and ``benchmarks/gpu_check.py`` use it).
 """
 
@@ -22,6 +22,11 @@ METRIC_NAMES = {
     "data_wait_fraction": "Fraction of step time spent waiting for data (rank 0)",
     "peak_memory_bytes": "Peak device memory of rank 0 (CUDA allocator, else process RSS)",
     "step": "Optimizer steps done",
+}
+
+#: Set after each evaluation, beside the training gauges.
+EVAL_METRIC_NAMES = {
+    "val_loss_bits": "Validation loss, bits per dim/byte, at the last evaluation",
 }
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
@@ -92,6 +97,7 @@ def implausible(values: dict[str, float], *, on_gpu: bool = False) -> list[str]:
 
 
 __all__ = [
+    "EVAL_METRIC_NAMES",
     "METRIC_NAMES",
     "gauge_name",
     "implausible",

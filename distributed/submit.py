@@ -311,9 +311,6 @@ def build_runtime_env(
         "env_vars": {
             "PYTHONUNBUFFERED": "1",
             "RAY_USAGE_STATS_ENABLED": "0",
-            # The trainer's ray.init(runtime_env=...) sets env_vars of its own: merge
-            # them with the job's (the driver's win on a shared key) instead of failing.
-            "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
         },
     }
     if config_path is not None:
@@ -417,6 +414,29 @@ def submit_job(
     return job_client, job_id, entrypoint, runtime_env
 
 
+def _absolute_paths(config: Path | str | None, overrides: list[str]) -> list[str]:
+    """Overrides that make a relative ``run.storage_path`` / ``data.url`` absolute, on
+    this machine: a job's working directory is a temporary copy (the trainer refuses
+    relative paths inside a job). Each one is said on stderr."""
+    from sparse_transformer.distributed.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(str(config) if config else "tiny", overrides)
+    except ConfigError as err:
+        raise SystemExit(f"sparse-transformer submit: invalid config: {err}") from None
+    out = []
+    for field, value in (("run.storage_path", cfg.run.storage_path), ("data.url", cfg.data.url)):
+        if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
+            resolved = os.path.abspath(os.path.expanduser(value))
+            _print(
+                f"{field}: {value} -> {resolved} (relative paths are resolved here; on a "
+                "multi-node cluster give a path every node reaches, or s3://...)",
+                file=sys.stderr,
+            )
+            out.append(f"{field}={resolved}")
+    return out
+
+
 def _submit(args: argparse.Namespace) -> int:
     overrides = _split_overrides(list(args.overrides or []))
     address = resolve_address(args.address)
@@ -438,7 +458,7 @@ def _submit(args: argparse.Namespace) -> int:
         # A job's driver joins the cluster it runs on (configs may say `local`,
         # which would start a private Ray inside the job).
         cmd.append("run.ray_address=auto")
-    cmd += overrides
+    cmd += overrides + _absolute_paths(config_path or config_arg, overrides)
     job_client, job_id, entrypoint, runtime_env = submit_job(
         cmd,
         address=address,
@@ -461,6 +481,20 @@ def _submit(args: argparse.Namespace) -> int:
         _print(f"follow it: sparse-transformer jobs logs --follow {job_id}", file=sys.stderr)
         return 0
     return _follow(job_client, job_id, _known_secret_values(auth_token()))
+
+
+def _one_line(handler: Any) -> Any:
+    """A ``jobs`` handler whose job-server errors (no such job, unreachable server) are one
+    line naming the command, exit 2, not a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (RuntimeError, OSError) as err:  # the SDK's request errors; requests' too
+            _print(f"sparse-transformer jobs {args.jobs_command}: {err}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def _jobs_list(args: argparse.Namespace) -> int:
@@ -560,19 +594,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     jsub = jobs.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
     q = jsub.add_parser("list", help="every job on the cluster")
     _add_address(q)
-    q.set_defaults(func=_jobs_list)
+    q.set_defaults(func=_one_line(_jobs_list))
     q = jsub.add_parser("status", help="a job's status")
     _add_address(q)
     q.add_argument("job_id")
-    q.set_defaults(func=_jobs_status)
+    q.set_defaults(func=_one_line(_jobs_status))
     q = jsub.add_parser("logs", help="a job's logs")
     _add_address(q)
     q.add_argument("job_id")
     q.add_argument("--follow", action="store_true", help="stream until the job ends")
-    q.set_defaults(func=_jobs_logs)
+    q.set_defaults(func=_one_line(_jobs_logs))
     q = jsub.add_parser("stop", help="stop a running job")
     _add_address(q)
     q.add_argument("job_id")
     q.add_argument("--no-wait", action="store_true", help="do not wait for it to end")
     q.add_argument("--timeout", type=float, default=60.0)
-    q.set_defaults(func=_jobs_stop)
+    q.set_defaults(func=_one_line(_jobs_stop))

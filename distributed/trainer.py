@@ -23,6 +23,7 @@ from sparse_transformer.distributed.config import (
     dump_yaml,
     is_remote,
     local_path,
+    redact,
     redact_url,
 )
 
@@ -224,11 +225,45 @@ def include_dashboard(cfg: Config) -> bool | None:
 
 @dataclass
 class RayInstance:
-    """What :func:`init_ray` did: whether it started Ray, and where to watch it."""
+    """What :func:`init_ray` did: whether it started (or joined) Ray, where to watch it,
+    and the Ray job this driver runs as, if any."""
 
     started: bool
     dashboard_url: str | None = None
     metrics_url: str | None = None
+    job_id: str | None = None
+
+
+def ray_job_id() -> str | None:
+    """The submission id of the Ray job this process is the driver of (``ray job submit``,
+    ``sparse-transformer submit``); None outside a job. Ray's job supervisor hands the
+    job's config to its entrypoint in ``RAY_JOB_CONFIG_JSON_ENV_VAR``."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if raw is None:
+        return None
+    try:
+        metadata = json.loads(raw).get("metadata") or {}
+    except (ValueError, AttributeError):
+        metadata = {}
+    return str(metadata.get("job_submission_id") or "(unnamed)")
+
+
+def check_job_paths(cfg: Config, job_id: str | None) -> None:
+    """Inside a Ray job the working directory is a temporary copy of the job's files,
+    shared by later jobs of the same snapshot: a relative run folder or dataset path
+    would land there. Refuse them, naming the field."""
+    if job_id is None:
+        return
+    fields = {"run.storage_path": cfg.run.storage_path, "data.url": cfg.data.url}
+    for field, value in fields.items():
+        if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
+            raise ConfigError(
+                f"{field}: {value!r} is relative; inside Ray job {job_id} the working "
+                f"directory ({os.getcwd()}) is a temporary copy of the job's files: give an "
+                "absolute path every node can reach, or a URL (s3://...)"
+            )
 
 
 def _metrics_url() -> str | None:
@@ -251,15 +286,20 @@ def init_ray(cfg: Config) -> RayInstance:
         private_auth_token,
     )
 
+    job = ray_job_id()
     if ray.is_initialized():
-        return RayInstance(started=False)
+        return RayInstance(started=False, job_id=job)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # the dashboard's Train view
     env = ray_environment()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", env["TORCH_EXTENSIONS_DIR"])
-    if cfg.run.ray_address != "local":
-        ray.init(address=cfg.run.ray_address, runtime_env={"env_vars": env})
-        return RayInstance(started=True)
+    address = "auto" if job is not None and cfg.run.ray_address == "local" else cfg.run.ray_address
+    if address != "local":
+        # a job's driver keeps the job's runtime environment (the workers get ours through
+        # the train loop's config): a second one passed here would conflict with it
+        context = ray.init(address=address, runtime_env=None if job else {"env_vars": env})
+        return RayInstance(True, _dashboard_url(context), _metrics_url(), job)
     confine_to_loopback()
     private_auth_token()
     context = ray.init(
@@ -271,12 +311,13 @@ def init_ray(cfg: Config) -> RayInstance:
         runtime_env={"env_vars": env},
         log_to_driver=True,
     )
-    url = getattr(context, "dashboard_url", None)  # "127.0.0.1:8265", or None without it
-    return RayInstance(
-        started=True,
-        dashboard_url=f"http://{url}" if url else None,
-        metrics_url=_metrics_url(),
-    )
+    return RayInstance(True, _dashboard_url(context), _metrics_url())
+
+
+def _dashboard_url(context: Any) -> str | None:
+    """The dashboard ``ray.init`` reports (the port Ray took), or None without one."""
+    url = getattr(context, "dashboard_url", None)  # "127.0.0.1:8265"
+    return f"http://{url}" if url else None
 
 
 def use_gpu(cfg: Config) -> bool:
@@ -334,16 +375,23 @@ def build_trainer(
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
         callbacks=[StopOnPermanentError()],
     )
+    import ray
+
+    # Ray Train shows train_loop_config in the dashboard's Train view as it is: what may
+    # hold credentials (the config's storage options) travels as an object the workers
+    # fetch, and the view gets the redacted config.
+    private = {"config": cfg.to_dict(), "storage_options": storage_fsspec_options(cfg)}
     loop_config = {
-        "config": cfg.to_dict(),
+        "private": ray.put(private),
+        "config_redacted": redact(cfg),
         "data_url": data_url or prepare_data(cfg),
         "use_gpu": gpu,
         "fault_marker": str(local_state / ".fault-injected"),
         "local_dir": str(local_state),
         "run_dir": run_dir(cfg),
-        "storage_options": storage_fsspec_options(cfg),
         "driver_pid": os.getpid(),
         "tb_dir": str(local_state / "tensorboard"),
+        "worker_env": ray_environment(),
         **(extra or {}),
     }
     return TorchTrainer(
@@ -359,6 +407,7 @@ def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
     """Train ``cfg`` to the end (or resume it) and return the final metrics and checkpoint."""
     if verbose:
         print("[train] config (redacted):\n" + dump_yaml(cfg), flush=True)
+    check_job_paths(cfg, ray_job_id())
     check_storage(cfg)
     url = prepare_data(cfg)  # before Ray starts: a bad dataset fails here, naming it
     import ray
@@ -368,6 +417,12 @@ def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
 
     instance = init_ray(cfg)
     try:
+        if verbose and instance.job_id and cfg.run.ray_address == "local":
+            print(
+                f"[train] running as Ray job {instance.job_id}: joined its cluster "
+                "(run.ray_address=local applies outside jobs)",
+                flush=True,
+            )
         if verbose and instance.dashboard_url:
             print(f"[train] Ray dashboard: {instance.dashboard_url}", flush=True)
         if verbose and instance.metrics_url:
@@ -401,9 +456,11 @@ __all__ = [
     "TrainSummary",
     "TrainingError",
     "build_trainer",
+    "check_job_paths",
     "check_storage",
     "include_dashboard",
     "init_ray",
     "prepare_data",
+    "ray_job_id",
     "run_training",
 ]

@@ -49,7 +49,7 @@ from sparse_transformer.distributed.config import (
     dump_yaml,
     resolve_precision,
 )
-from sparse_transformer.distributed.monitoring import METRIC_NAMES, gauge_name
+from sparse_transformer.distributed.monitoring import EVAL_METRIC_NAMES, METRIC_NAMES, gauge_name
 from sparse_transformer.distributed.stopping import StopWatcher
 
 
@@ -62,7 +62,7 @@ class _Exporter:
         self.tags = {"run": run}
         self.gauges = {
             k: Gauge(gauge_name(k), description=d, tag_keys=("run",))
-            for k, d in METRIC_NAMES.items()
+            for k, d in {**METRIC_NAMES, **EVAL_METRIC_NAMES}.items()
         }
         self.writer = None
         if tb_dir:
@@ -127,6 +127,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
+    if "private" in loop_config:  # the config and storage options, kept out of the dashboard
+        loop_config = {**loop_config, **ray.get(loop_config["private"])}
+    for key, value in loop_config.get("worker_env", {}).items():
+        os.environ.setdefault(key, value)  # before DeepSpeed looks for its op cache
     try:
         _train(loop_config)
     except Exception as err:

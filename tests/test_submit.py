@@ -415,9 +415,10 @@ def test_submit_prints_a_redacted_runtime_env(
     """A forwarded credential reaches the job but no output; the config's runtime_env is used."""
     secret = "s3cr3t-" + secrets.token_hex(8)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    cfg = tmp_path / "probe.yaml"
+    cfg = tmp_path / "probe.yaml"  # a valid training config (submit checks it) + runtime_env
     cfg.write_text(
-        "runtime_env:\n  env_vars:\n    PROBE_VALUE: from-config\n"
+        (sub.PROJECT_ROOT / "configs" / "tiny.yaml").read_text()
+        + "runtime_env:\n  env_vars:\n    PROBE_VALUE: from-config\n"
         "    STORAGE_PASSWORD: pw-in-config-123\n"
     )
     code, out, err = run_cli(

@@ -234,6 +234,14 @@ def test_two_workers_train_resume_eval_sample(
     out, err = capsys.readouterr()
     assert json.loads(out.strip().splitlines()[-1]) == result
     assert f"newest complete checkpoint, step 24: {summary2.checkpoint}" in err
+    # the whole split (no --batches) counts every sample, the last short batch too
+    from sparse_transformer.data import load_manifest
+
+    n_val = load_manifest(small_dataset).split("validation").num_samples
+    size = n_val // 2 + 1  # never divides n_val: a short last batch
+    assert main(["eval", "--checkpoint", str(run_dir), "--batch-size", str(size)]) == 0
+    whole = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert whole["tokens"] == n_val * (SMALL_MODEL["n_ctx"] - 1)
 
 
 @pytest.mark.slow

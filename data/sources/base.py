@@ -27,7 +27,7 @@ BYTES_TOKENIZER = {
     "kind": "bytes",
     "vocab_size": 256,
     "dtype": "uint8",
-    "description": "raw bytes of the file (UTF-8 text for Wikipedia XML), one token per byte",
+    "description": "the raw bytes of the input files, one token per byte",
 }
 
 
