@@ -489,6 +489,16 @@ def test_follow_exits_non_zero_when_the_job_fails(client_env: RayHead) -> None:
     assert "about to fail" in out and f"job {job_id} FAILED" in out
 
 
+@pytest.mark.parametrize("action", ["status", "logs", "stop"])
+def test_an_unknown_job_is_one_line_not_a_traceback(client_env: RayHead, action: str) -> None:
+    code, out, err = run_cli("jobs", action, "no-such-job", "--address", client_env.address)
+    assert code == 2 and "Traceback" not in out + err
+    assert err.strip().splitlines() == [
+        f"sparse-transformer jobs {action}: Request failed with status code 404: "
+        "Job no-such-job does not exist."
+    ]
+
+
 def test_jobs_stop_stops_a_running_job(client_env: RayHead) -> None:
     marker = client_env.temp_dir / f"stopped-{secrets.token_hex(4)}"
     script = (
