@@ -1,8 +1,8 @@
 """SIGINT or SIGTERM to ``sparse-transformer train``: a clean stop, a registered
 checkpoint, one line saying how to resume, and no Ray process left behind.
 
-The driver runs as a real subprocess with its own local Ray instance (2 CPU workers);
-the signal goes to the driver alone, as ``kill`` sends it (a terminal's Ctrl-C also
+For SIGINT the driver runs as a real subprocess with its own local Ray instance (2 CPU
+workers); the signal goes to the driver alone, as ``kill`` sends it (a terminal's Ctrl-C also
 reaches Ray's processes, which block SIGINT). While it trains, its sockets are checked:
 only PyTorch's rendezvous store may listen beyond loopback.
 """
@@ -23,7 +23,11 @@ import yaml
 
 from sparse_transformer.distributed.checkpoint import complete_checkpoints, verify_contents
 from tests.test_loopback import is_loopback, listening
-from tests.test_train import small_config_doc, small_dataset  # noqa: F401 - fixture
+from tests.test_train import (
+    local_ray,  # noqa: F401 - fixture
+    small_config_doc,
+    small_dataset,  # noqa: F401 - fixture
+)
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
@@ -42,13 +46,11 @@ def _logged_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_stops_at_a_step_with_a_checkpoint_and_no_ray_left(
-    sig: signal.Signals,
-    code: int,
+def test_sigint_stops_at_a_step_with_a_checkpoint_and_no_ray_left(
     small_dataset: str,  # noqa: F811
     tmp_path: Path,
 ) -> None:
+    sig, code = signal.SIGINT, 130
     doc = small_config_doc(tmp_path, small_dataset, "stopped", steps=10_000, log_every=2)
     doc["train"].update(eval_every=0, checkpoint_every=0, record_batches=False)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(doc))
@@ -98,3 +100,44 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_no_ray_left(
         return not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_processes)
 
     _wait_for(all_gone, 30, "the driver's Ray processes to exit")
+
+
+# after the subprocess test: this one's local Ray instance lives to the module's end
+@pytest.mark.slow
+def test_sigterm_asks_for_a_stop_and_a_second_signal_stops_at_once(
+    local_ray: None,  # noqa: F811
+) -> None:
+    """SIGTERM takes the same path as SIGINT (the subprocess test above): the request
+    reaches the flag the workers poll, naming the signal; a second one interrupts."""
+    import ray
+
+    from sparse_transformer.distributed.stopping import NAMESPACE, stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(verbose=False) as name:
+        assert name is not None
+        flag = ray.get_actor(name, namespace=NAMESPACE)
+        assert ray.get(flag.reason.remote()) is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        _wait_for(lambda: ray.get(flag.reason.remote()) == "SIGTERM", 10, "the request")
+        with pytest.raises(KeyboardInterrupt, match="second SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here, in the main thread
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize(("reason", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_the_exit_code_and_the_resume_line_name_the_signal(
+    reason: str, code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sparse_transformer.cli import main
+    from sparse_transformer.distributed import trainer
+
+    def stopped_run(cfg: object) -> trainer.TrainSummary:  # what a stopped run returns
+        return trainer.TrainSummary({"step": 7, "stopped": reason}, "/r/ckpt", "/r", reason)
+
+    monkeypatch.setattr(trainer, "run_training", stopped_run)
+    assert main(["train"]) == code
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"[train] stopped by {reason} at step 7 after ")
+    assert line.endswith("checkpoint /r/ckpt. Run the same command again to resume from it.")
