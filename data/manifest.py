@@ -178,7 +178,7 @@ def check_shards(manifest: Manifest, storage_options: dict[str, Any] | None = No
     root_url = manifest.url.rsplit("/", 1)[0]
     fs, root = storage.filesystem(root_url, storage_options)
     sizes = {path: int(info.get("size") or 0) for path, info in fs.find(root, detail=True).items()}
-    prefix = fs._strip_protocol(root).rstrip("/")  # noqa: SLF001 - fsspec's own URL -> path
+    prefix = root.rstrip("/")  # url_to_fs gives the path as find() names its files
     missing, resized = [], []
     for split in manifest.splits.values():
         for shard in split.shards:

@@ -112,10 +112,15 @@ class StopWatcher:
     returns the same answer on all of them, one step after a stop was requested."""
 
     def __init__(self, flag_name: str | None, world: int, device: torch.device) -> None:
-        self.world, self.device = world, device
+        self.world = world
         self.reason: str | None = None
-        self._pending: tuple[torch.Tensor, Any] | None = None
         self._local = threading.Event()
+        # the per-step agreement reuses one device flag, one host copy and one event
+        on_cuda = device.type == "cuda"
+        self._flag = torch.zeros(1, device=device)
+        self._host = torch.zeros(1, pin_memory=on_cuda)
+        self._event = torch.cuda.Event() if on_cuda else None
+        self._agreed_once = False
         if flag_name:
             flag = ray.get_actor(flag_name, namespace=NAMESPACE)
             threading.Thread(target=self._poll, args=(flag,), daemon=True).start()
@@ -137,21 +142,16 @@ class StopWatcher:
         from sparse_transformer.distributed import collectives
 
         decided = False
-        if self._pending is not None:  # the previous step's agreement, long since done
-            host, event = self._pending
-            if event is not None:
-                event.synchronize()
-            decided = bool(host.item())
-        flag = torch.tensor([float(self._local.is_set())], device=self.device)
-        collectives.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.device.type == "cuda":
-            host = torch.empty(1, pin_memory=True)
-            host.copy_(flag, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending = (host, event)
-        else:
-            self._pending = (flag, None)
+        if self._agreed_once:  # the previous step's agreement, long since done
+            if self._event is not None:
+                self._event.synchronize()
+            decided = bool(self._host.item())
+        self._flag.fill_(float(self._local.is_set()))
+        collectives.all_reduce(self._flag, op=torch.distributed.ReduceOp.MAX)
+        self._host.copy_(self._flag, non_blocking=self._event is not None)
+        if self._event is not None:
+            self._event.record()
+        self._agreed_once = True
         if decided and self.reason is None:
             self.reason = "a stop request"  # another rank saw it first
         return decided

@@ -117,5 +117,5 @@ def test_a_token_the_user_manages_is_left_alone(
 ) -> None:
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(own_home / "mine"))
     assert private_auth_token() is None
-    assert not (own_home / ".ray").exists()
+    assert not (own_home / ".ray").exists() and not (own_home / "mine").exists()
     assert os.environ["HOME"] == str(own_home)
