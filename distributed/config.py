@@ -505,6 +505,17 @@ def local_path(url: str) -> str:
     return str(Path(url).expanduser().resolve())
 
 
+def relative_paths(cfg: Config) -> list[tuple[str, str]]:
+    """(field, value) of ``run.storage_path`` and ``data.url`` where they are relative local
+    paths (which a Ray job would resolve inside its temporary working directory)."""
+    fields = (("run.storage_path", cfg.run.storage_path), ("data.url", cfg.data.url))
+    return [
+        (field, value)
+        for field, value in fields
+        if value and "://" not in value and not os.path.isabs(os.path.expanduser(value))
+    ]
+
+
 def data_url(cfg: Config) -> str:
     """The dataset URL: ``data.url`` or ``file://<storage>/data/<source>-<seq_len>``."""
     if cfg.data.url:

@@ -418,22 +418,21 @@ def _absolute_paths(config: Path | str | None, overrides: list[str]) -> list[str
     """Overrides that make a relative ``run.storage_path`` / ``data.url`` absolute, on
     this machine: a job's working directory is a temporary copy (the trainer refuses
     relative paths inside a job). Each one is said on stderr."""
-    from sparse_transformer.distributed.config import ConfigError, load_config
+    from sparse_transformer.distributed.config import ConfigError, load_config, relative_paths
 
     try:
         cfg = load_config(str(config) if config else "tiny", overrides)
     except ConfigError as err:
         raise SystemExit(f"sparse-transformer submit: invalid config: {err}") from None
     out = []
-    for field, value in (("run.storage_path", cfg.run.storage_path), ("data.url", cfg.data.url)):
-        if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
-            resolved = os.path.abspath(os.path.expanduser(value))
-            _print(
-                f"{field}: {value} -> {resolved} (relative paths are resolved here; on a "
-                "multi-node cluster give a path every node reaches, or s3://...)",
-                file=sys.stderr,
-            )
-            out.append(f"{field}={resolved}")
+    for field, value in relative_paths(cfg):
+        resolved = os.path.abspath(os.path.expanduser(value))
+        _print(
+            f"{field}: {value} -> {resolved} (relative paths are resolved here; on a "
+            "multi-node cluster give a path every node reaches, or s3://...)",
+            file=sys.stderr,
+        )
+        out.append(f"{field}={resolved}")
     return out
 
 

@@ -25,6 +25,7 @@ from sparse_transformer.distributed.config import (
     local_path,
     redact,
     redact_url,
+    relative_paths,
 )
 
 
@@ -254,16 +255,13 @@ def check_job_paths(cfg: Config, job_id: str | None) -> None:
     """Inside a Ray job the working directory is a temporary copy of the job's files,
     shared by later jobs of the same snapshot: a relative run folder or dataset path
     would land there. Refuse them, naming the field."""
-    if job_id is None:
-        return
-    fields = {"run.storage_path": cfg.run.storage_path, "data.url": cfg.data.url}
-    for field, value in fields.items():
-        if value and "://" not in value and not os.path.isabs(os.path.expanduser(value)):
-            raise ConfigError(
-                f"{field}: {value!r} is relative; inside Ray job {job_id} the working "
-                f"directory ({os.getcwd()}) is a temporary copy of the job's files: give an "
-                "absolute path every node can reach, or a URL (s3://...)"
-            )
+    if job_id is not None and (relative := relative_paths(cfg)):
+        field, value = relative[0]
+        raise ConfigError(
+            f"{field}: {value!r} is relative; inside Ray job {job_id} the working "
+            f"directory ({os.getcwd()}) is a temporary copy of the job's files: give an "
+            "absolute path every node can reach, or a URL (s3://...)"
+        )
 
 
 def _metrics_url() -> str | None:
