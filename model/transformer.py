@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sparse_transformer.model.config import SparseTransformerConfig
 from sparse_transformer.model.kv_cache import KVCache, LayerKVCache
-from sparse_transformer.ops import compile_layout, sparse_attention
+from sparse_transformer.ops import BlockLayout, compile_layout, sparse_attention
 
 LN2 = math.log(2.0)
 
@@ -58,6 +58,20 @@ class SparseSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 2 * cfg.d_qk + cfg.d_model)  # [q | k | v]
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)  # W_p
         self.scale = self.d_head_qk**-0.5
+        self._bound: tuple[int, torch.device, BlockLayout] | None = None
+
+    def bind(self, n: int, device: torch.device) -> BlockLayout:
+        """The layout for sequences of ``n`` on ``device``, compiled once and kept.
+
+        The model binds every layer before its blocks run, so a compiled block only
+        reads the bound layout and never traces the layout compiler.
+        """
+        if self._bound is None or self._bound[:2] != (n, device):
+            layout = compile_layout(
+                self.pattern, n, self.n_heads, self.block_q, self.block_k, device=device
+            )
+            self._bound = (n, device, layout)
+        return self._bound[2]
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -88,9 +102,7 @@ class SparseSelfAttention(nn.Module):
             k = F.pad(k, (0, width - dq))  # (B, H, T, width)
         if dv < width:
             v = F.pad(v, (0, width - dv))  # (B, H, T, width)
-        layout = compile_layout(
-            self.pattern, T, self.n_heads, self.block_q, self.block_k, device=q.device
-        )
+        layout = self.bind(T, q.device)
         y = sparse_attention(q, k, v, layout, backend=self.backend, scale=self.scale)
         return y[..., :dv]  # (B, H, T, dv)
 
@@ -164,6 +176,7 @@ class SparseTransformer(nn.Module):
         # row-major strides of the structure: position i -> coordinate (i // s) % size
         shape = cfg.embed_shape
         self._coord_strides = [math.prod(shape[k + 1 :]) for k in range(len(shape))]
+        self._compiled_blocks: list[nn.Module] = []  # see compile_blocks
         if not self.tok_emb.weight.is_meta:
             self.init_weights()
 
@@ -232,7 +245,9 @@ class SparseTransformer(nn.Module):
         entries equal to -1 are ignored.
         """
         h = self.embed(idx)  # (B, T, d)
-        for block in self.blocks:
+        for block in self.blocks:  # outside any compiled region
+            block.attn.bind(idx.shape[1], idx.device)
+        for block in self._compiled_blocks or self.blocks:
             h = block(h)
         logits = self.head(self.ln_f(h))  # (B, T, vocab)
         loss = None if targets is None else self.loss_nats(logits, targets)
@@ -272,6 +287,26 @@ class SparseTransformer(nn.Module):
         for block, layer_cache in zip(self.blocks, cache.layers):
             h = block(h, layer_cache)
         return self.head(self.ln_f(h))  # (B, T, vocab)
+
+    # -- compilation -----------------------------------------------------------------------------
+    def compile_blocks(self, **options: object) -> None:
+        """Run every residual block through ``torch.compile(block, fullgraph=True)``.
+
+        Training and evaluation forwards use the compiled blocks (recomputation
+        included: the checkpointed region is traced too); decoding with a key/value
+        cache stays eager. Blocks that share a pattern share one compiled graph, so
+        the compile time does not grow with depth. ``options`` go to
+        ``torch.compile`` (``mode``, ``backend``, ...). Compilation happens on the
+        first forward.
+        """
+        self._compiled_blocks = [
+            torch.compile(block, fullgraph=True, dynamic=False, **options) for block in self.blocks
+        ]
+
+    @property
+    def compiled(self) -> bool:
+        """Are the blocks compiled (:meth:`compile_blocks`)?"""
+        return bool(self._compiled_blocks)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def num_params(self) -> int:

@@ -16,6 +16,7 @@ Backends:
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -70,6 +71,11 @@ def triton_available() -> bool:
     return _HAVE_TRITON and torch.cuda.is_available()
 
 
+def _triton_interpreter() -> bool:
+    """TRITON_INTERPRET=1: the kernels run on the CPU (tests, at tiny sizes)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _pick_backend(q: torch.Tensor, layout: BlockLayout) -> str:
     if q.is_cuda and q.dtype != torch.float64 and triton_available():
         from sparse_transformer.ops import triton_attention
@@ -117,7 +123,7 @@ def sparse_attention(
         from sparse_transformer.ops.flex import flex_attention_backend
 
         return flex_attention_backend(q, k, v, layout, scale=scale)
-    if not triton_available():
+    if not (triton_available() or (_HAVE_TRITON and _triton_interpreter())):
         raise ValueError("sparse_attention: the triton backend needs Triton and a CUDA device")
     from sparse_transformer.ops import triton_attention
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from sparse_transformer.ops.layout import BlockLayout
+from sparse_transformer.ops.layout import BlockLayout, layout_by_uid
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
@@ -83,98 +83,145 @@ class _Plan:
         return kb, allowed
 
 
-class _BlockSparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, n, scale, budget):
-        b, h, big_n, d = q.shape
-        bq, bk = layout.block_q, layout.block_k
-        nqb, nkb = big_n // bq, big_n // bk
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        plan = _Plan(layout, n, h, q.device)
-        kmax = plan.idx.shape[-1]
-        cq, cs = _chunks(b, h, layout, kmax, budget)
-        qv = q.view(b, h, nqb, bq, d)
-        kv = k.view(b, h, nkb, bk, d)
-        vv = v.view(b, h, nkb, bk, d)
-        out = torch.empty(b, h, nqb, bq, d, dtype=q.dtype, device=q.device)
-        lse = torch.empty(b, h, nqb, bq, dtype=compute, device=q.device)
-        for c0 in range(0, nqb, cq):
-            c1 = min(nqb, c0 + cq)
-            qc = qv[:, :, c0:c1].to(compute)  # (B, H, C, BQ, D)
-            m = torch.full(qc.shape[:-1], float("-inf"), dtype=compute, device=q.device)
-            denom = torch.zeros_like(m)
-            acc = torch.zeros_like(qc)
-            for s0 in range(0, kmax, cs):
-                s1 = min(kmax, s0 + cs)
-                kb, allowed = plan.tile(c0, c1, s0, s1)
-                kc = kv[:, plan.hidx, kb].to(compute)  # (B, H, C, S, BK, D)
-                vc = vv[:, plan.hidx, kb].to(compute)
-                s = torch.einsum("bhcqd,bhcskd->bhcqsk", qc, kc) * scale
-                s = s.masked_fill(~allowed, float("-inf")).flatten(-2)  # (B, H, C, BQ, S*BK)
-                m_new = torch.maximum(m, s.amax(-1))
-                m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
-                p = torch.exp(s - m_safe[..., None])
-                alpha = torch.exp(m - m_safe)
-                denom = denom * alpha + p.sum(-1)
-                acc = acc * alpha[..., None] + torch.einsum(
-                    "bhcqs,bhcsd->bhcqd", p, vc.flatten(3, 4)
-                )
-                m = m_new
-            empty = denom == 0
-            out[:, :, c0:c1] = (acc / torch.where(empty, 1.0, denom)[..., None]).to(q.dtype)
-            lse[:, :, c0:c1] = torch.where(empty, float("-inf"), m + torch.log(denom))
-        out = out.view(b, h, big_n, d)
-        lse = lse.view(b, h, big_n)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
-        ctx.layout, ctx.n, ctx.scale, ctx.budget = layout, n, scale, budget
-        return out, lse
+def _forward(q, k, v, layout: BlockLayout, n: int, scale: float, budget: int):
+    """(out, lse) in the heads' order: the online softmax over the block lists."""
+    b, h, big_n, d = q.shape
+    bq, bk = layout.block_q, layout.block_k
+    nqb, nkb = big_n // bq, big_n // bk
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    plan = _Plan(layout, n, h, q.device)
+    kmax = plan.idx.shape[-1]
+    cq, cs = _chunks(b, h, layout, kmax, budget)
+    qv = q.view(b, h, nqb, bq, d)
+    kv = k.view(b, h, nkb, bk, d)
+    vv = v.view(b, h, nkb, bk, d)
+    out = torch.empty(b, h, nqb, bq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, nqb, bq, dtype=compute, device=q.device)
+    for c0 in range(0, nqb, cq):
+        c1 = min(nqb, c0 + cq)
+        qc = qv[:, :, c0:c1].to(compute)  # (B, H, C, BQ, D)
+        m = torch.full(qc.shape[:-1], float("-inf"), dtype=compute, device=q.device)
+        denom = torch.zeros_like(m)
+        acc = torch.zeros_like(qc)
+        for s0 in range(0, kmax, cs):
+            s1 = min(kmax, s0 + cs)
+            kb, allowed = plan.tile(c0, c1, s0, s1)
+            kc = kv[:, plan.hidx, kb].to(compute)  # (B, H, C, S, BK, D)
+            vc = vv[:, plan.hidx, kb].to(compute)
+            s = torch.einsum("bhcqd,bhcskd->bhcqsk", qc, kc) * scale
+            s = s.masked_fill(~allowed, float("-inf")).flatten(-2)  # (B, H, C, BQ, S*BK)
+            m_new = torch.maximum(m, s.amax(-1))
+            m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
+            p = torch.exp(s - m_safe[..., None])
+            alpha = torch.exp(m - m_safe)
+            denom = denom * alpha + p.sum(-1)
+            acc = acc * alpha[..., None] + torch.einsum("bhcqs,bhcsd->bhcqd", p, vc.flatten(3, 4))
+            m = m_new
+        empty = denom == 0
+        out[:, :, c0:c1] = (acc / torch.where(empty, 1.0, denom)[..., None]).to(q.dtype)
+        lse[:, :, c0:c1] = torch.where(empty, float("-inf"), m + torch.log(denom))
+    return out.view(b, h, big_n, d), lse.view(b, h, big_n)
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        layout, scale = ctx.layout, ctx.scale
-        b, h, big_n, d = q.shape
-        bq, bk = layout.block_q, layout.block_k
-        nqb, nkb = big_n // bq, big_n // bk
-        compute = lse.dtype
-        plan = _Plan(layout, ctx.n, h, q.device)
-        kmax = plan.idx.shape[-1]
-        cq, cs = _chunks(b, h, layout, kmax, ctx.budget)
-        qv = q.view(b, h, nqb, bq, d)
-        kv = k.view(b, h, nkb, bk, d)
-        vv = v.view(b, h, nkb, bk, d)
-        dov = dout.view(b, h, nqb, bq, d)
-        delta = (dout.to(compute) * out.to(compute)).sum(-1).view(b, h, nqb, bq)
-        lse_safe = torch.where(torch.isinf(lse), 0.0, lse).view(b, h, nqb, bq)
-        dq = torch.zeros(b, h, nqb, bq, d, dtype=compute, device=q.device)
-        dk = torch.zeros(b, h * nkb, bk * d, dtype=compute, device=q.device)
-        dv = torch.zeros_like(dk)
-        for c0 in range(0, nqb, cq):
-            c1 = min(nqb, c0 + cq)
-            qc = qv[:, :, c0:c1].to(compute)
-            doc = dov[:, :, c0:c1].to(compute)
-            for s0 in range(0, kmax, cs):
-                s1 = min(kmax, s0 + cs)
-                kb, allowed = plan.tile(c0, c1, s0, s1)
-                kc = kv[:, plan.hidx, kb].to(compute).flatten(3, 4)  # (B, H, C, S*BK, D)
-                vc = vv[:, plan.hidx, kb].to(compute).flatten(3, 4)
-                s = torch.einsum("bhcqd,bhcsd->bhcqs", qc, kc) * scale
-                p = torch.exp(s - lse_safe[:, :, c0:c1, :, None])
-                p = p * allowed.flatten(-2)
-                dp = torch.einsum("bhcqd,bhcsd->bhcqs", doc, vc)
-                ds = p * (dp - delta[:, :, c0:c1, :, None]) * scale
-                dq[:, :, c0:c1] += torch.einsum("bhcqs,bhcsd->bhcqd", ds, kc)
-                n_slots = (c1 - c0) * (s1 - s0)
-                flat = (plan.hidx * nkb + kb).reshape(-1)  # (H * C * S)
-                dv_tile = torch.einsum("bhcqs,bhcqd->bhcsd", p, doc)
-                dk_tile = torch.einsum("bhcqs,bhcqd->bhcsd", ds, qc)
-                dv.index_add_(1, flat, dv_tile.reshape(b, h * n_slots, bk * d))
-                dk.index_add_(1, flat, dk_tile.reshape(b, h * n_slots, bk * d))
-        dq = dq.view(b, h, big_n, d).to(q.dtype)
-        dk = dk.view(b, h, big_n, d).to(k.dtype)
-        dv = dv.view(b, h, big_n, d).to(v.dtype)
-        return dq, dk, dv, None, None, None, None
+
+def _backward(q, k, v, out, lse, dout, layout: BlockLayout, n: int, scale: float, budget: int):
+    """(dq, dk, dv): probabilities recomputed from the saved log-sum-exp."""
+    b, h, big_n, d = q.shape
+    bq, bk = layout.block_q, layout.block_k
+    nqb, nkb = big_n // bq, big_n // bk
+    compute = lse.dtype
+    plan = _Plan(layout, n, h, q.device)
+    kmax = plan.idx.shape[-1]
+    cq, cs = _chunks(b, h, layout, kmax, budget)
+    qv = q.view(b, h, nqb, bq, d)
+    kv = k.view(b, h, nkb, bk, d)
+    vv = v.view(b, h, nkb, bk, d)
+    dov = dout.view(b, h, nqb, bq, d)
+    delta = (dout.to(compute) * out.to(compute)).sum(-1).view(b, h, nqb, bq)
+    lse_safe = torch.where(torch.isinf(lse), 0.0, lse).view(b, h, nqb, bq)
+    dq = torch.zeros(b, h, nqb, bq, d, dtype=compute, device=q.device)
+    dk = torch.zeros(b, h * nkb, bk * d, dtype=compute, device=q.device)
+    dv = torch.zeros_like(dk)
+    for c0 in range(0, nqb, cq):
+        c1 = min(nqb, c0 + cq)
+        qc = qv[:, :, c0:c1].to(compute)
+        doc = dov[:, :, c0:c1].to(compute)
+        for s0 in range(0, kmax, cs):
+            s1 = min(kmax, s0 + cs)
+            kb, allowed = plan.tile(c0, c1, s0, s1)
+            kc = kv[:, plan.hidx, kb].to(compute).flatten(3, 4)  # (B, H, C, S*BK, D)
+            vc = vv[:, plan.hidx, kb].to(compute).flatten(3, 4)
+            s = torch.einsum("bhcqd,bhcsd->bhcqs", qc, kc) * scale
+            p = torch.exp(s - lse_safe[:, :, c0:c1, :, None])
+            p = p * allowed.flatten(-2)
+            dp = torch.einsum("bhcqd,bhcsd->bhcqs", doc, vc)
+            ds = p * (dp - delta[:, :, c0:c1, :, None]) * scale
+            dq[:, :, c0:c1] += torch.einsum("bhcqs,bhcsd->bhcqd", ds, kc)
+            n_slots = (c1 - c0) * (s1 - s0)
+            flat = (plan.hidx * nkb + kb).reshape(-1)  # (H * C * S)
+            dv_tile = torch.einsum("bhcqs,bhcqd->bhcsd", p, doc)
+            dk_tile = torch.einsum("bhcqs,bhcqd->bhcsd", ds, qc)
+            dv.index_add_(1, flat, dv_tile.reshape(b, h * n_slots, bk * d))
+            dk.index_add_(1, flat, dk_tile.reshape(b, h * n_slots, bk * d))
+    dq = dq.view(b, h, big_n, d).to(q.dtype)
+    dk = dk.view(b, h, big_n, d).to(k.dtype)
+    dv = dv.view(b, h, big_n, d).to(v.dtype)
+    return dq, dk, dv
+
+
+# Custom ops (the layout travels as its uid): torch.compile sees one opaque op with a
+# known output shape instead of tracing the Python loops, which depend on the layout.
+@torch.library.custom_op("sparse_transformer::blocksparse_torch_fwd", mutates_args=())
+def blocksparse_torch_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, uid: int, n: int, scale: float, budget: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward in the heads' order: (out, lse in nats, fp32 or fp64)."""
+    return _forward(q, k, v, layout_by_uid(uid), n, scale, budget)
+
+
+@blocksparse_torch_fwd.register_fake
+def _(q, k, v, uid, n, scale, budget):
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=compute)
+
+
+@torch.library.custom_op("sparse_transformer::blocksparse_torch_bwd", mutates_args=())
+def blocksparse_torch_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    uid: int,
+    n: int,
+    scale: float,
+    budget: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward in the heads' order: (dq, dk, dv)."""
+    return _backward(q, k, v, out, lse, dout, layout_by_uid(uid), n, scale, budget)
+
+
+@blocksparse_torch_bwd.register_fake
+def _(q, k, v, out, lse, dout, uid, n, scale, budget):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, uid, n, scale, budget = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = uid, n, scale, budget
+
+
+def _grad(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = blocksparse_torch_bwd(q, k, v, out, lse, dout.contiguous(), *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd(
+    "sparse_transformer::blocksparse_torch_fwd", _grad, setup_context=_setup_context
+)
 
 
 def blocksparse_attention_torch(
@@ -191,9 +238,10 @@ def blocksparse_attention_torch(
     n, d = q.shape[2], q.shape[3]
     scale = d**-0.5 if scale is None else scale
     qh, kh, vh = (to_head_order(x, layout) for x in (q, k, v))
-    out, lse = _BlockSparseAttention.apply(
-        qh.contiguous(), kh.contiguous(), vh.contiguous(), layout, n, scale, chunk_elements
-    )
+    out, lse = blocksparse_torch_fwd(
+        qh.contiguous(), kh.contiguous(), vh.contiguous(), layout.uid, n, float(scale),
+        chunk_elements,
+    )  # fmt: skip
     out = from_head_order(out, layout, n)
     if return_lse:
         return out, from_head_order(lse[..., None], layout, n)[..., 0].float()

@@ -26,6 +26,7 @@ in the original order masks them for every real query.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -157,6 +158,15 @@ def _classify(
     return present, full
 
 
+_UIDS = itertools.count(1)
+_BY_UID: dict[int, BlockLayout] = {}
+
+
+def layout_by_uid(uid: int) -> BlockLayout:
+    """The layout whose ``uid`` this is (layouts live as long as the process)."""
+    return _BY_UID[uid]
+
+
 @dataclass(eq=False)
 class BlockLayout:
     """Block-sparse layout of a :class:`Pattern` for sequence length ``n``.
@@ -182,6 +192,12 @@ class BlockLayout:
     k2q_index: torch.Tensor  # (nnz,) int32
     k2q_full: torch.Tensor  # (nnz,) bool
     _cache: dict = field(default_factory=dict, repr=False)
+    uid: int = field(default_factory=lambda: next(_UIDS), init=False)
+    """A process-wide integer naming this layout (:func:`layout_by_uid`): custom ops
+    and compiled graphs carry it instead of the object, which is not a tensor."""
+
+    def __post_init__(self) -> None:
+        _BY_UID[self.uid] = self
 
     @property
     def device(self) -> torch.device:

@@ -42,6 +42,7 @@ from sparse_transformer.ops.layout import (
     PART_COLUMN,
     PART_SUMMARY,
     BlockLayout,
+    layout_by_uid,
 )
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -377,17 +378,6 @@ def supports(q: torch.Tensor, layout: BlockLayout) -> bool:
     )
 
 
-# Layouts are not tensors: the custom ops receive their tensors plus the integers
-# that describe them, and look the parsed plan up by id in this registry.
-_LAYOUTS: dict[int, BlockLayout] = {}
-
-
-def _register(layout: BlockLayout) -> int:
-    key = id(layout)
-    _LAYOUTS[key] = layout
-    return key
-
-
 def _fwd_impl(q, k, v, layout: BlockLayout, scale: float):
     b, h, n, d = q.shape
     plan = _launch_plan(layout)
@@ -449,12 +439,14 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
 # ----------------------------------------------------------------------------------------
 # torch.library custom ops
 # ----------------------------------------------------------------------------------------
+# Layouts are not tensors: the ops receive their tensors and the layout's ``uid``, and
+# look the parsed plan up through ``layout_by_uid``; a compiled graph bakes the uid in.
 @torch.library.custom_op("sparse_transformer::block_sparse_attn_fwd", mutates_args=())
 def block_sparse_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout_id: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the Triton kernels: (out, lse in base 2)."""
-    return _fwd_impl(q, k, v, _LAYOUTS[layout_id], scale)
+    return _fwd_impl(q, k, v, layout_by_uid(layout_id), scale)
 
 
 @block_sparse_attn_fwd.register_fake
@@ -475,7 +467,7 @@ def block_sparse_attn_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of the Triton kernels: (dq, dk, dv)."""
-    return _bwd_impl(q, k, v, out, lse, dout, _LAYOUTS[layout_id], scale)
+    return _bwd_impl(q, k, v, out, lse, dout, layout_by_uid(layout_id), scale)
 
 
 @block_sparse_attn_bwd.register_fake
@@ -523,7 +515,7 @@ def triton_sparse_attention(
         raise ValueError("sparse_attention: the triton backend needs blocks of at least 16")
     scale = d**-0.5 if scale is None else float(scale)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out, lse2 = block_sparse_attn_fwd(q, k, v, _register(layout), scale)
+    out, lse2 = block_sparse_attn_fwd(q, k, v, layout.uid, scale)
     if return_lse:
         return out, lse2 * math.log(2.0)
     return out
