@@ -365,6 +365,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision: expected one of {PRECISIONS}, got {t.precision!r}")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage: expected 0, 1, 2 or 3, got {t.zero_stage}")
+    if cfg.model.compile is True and t.zero_stage == 3:
+        raise ConfigError(
+            "model.compile: ZeRO stage 3 gathers parameters in module hooks, which a compiled "
+            "block cannot hold; use model.compile=false (or auto) or train.zero_stage <= 2"
+        )
     if t.fault_target not in ("worker", "driver"):
         raise ConfigError(f"train.fault_target: expected worker or driver, got {t.fault_target!r}")
     s.use_gpu = _tristate("scaling.use_gpu", s.use_gpu)
@@ -589,6 +594,16 @@ def resolve_precision(cfg: Config, on_gpu: bool) -> str:
     if p == "fp16" and not on_gpu:
         raise ConfigError("train.precision: fp16 needs a GPU; use fp32 or bf16 on the CPU")
     return p
+
+
+def resolve_compile(cfg: Config, on_gpu: bool) -> bool:
+    """Does training compile the model's blocks? ``model.compile: auto`` means on GPUs
+    (eager on the CPU, where compiling takes longer than a short run saves) and not
+    under ZeRO stage 3."""
+    c = cfg.model.compile
+    if c == "auto":
+        return on_gpu and cfg.train.zero_stage < 3
+    return bool(c)
 
 
 def deepspeed_config(cfg: Config, world_size: int, *, on_gpu: bool) -> dict[str, Any]:

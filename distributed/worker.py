@@ -47,6 +47,7 @@ from sparse_transformer.distributed.config import (
     Config,
     deepspeed_config,
     dump_yaml,
+    resolve_compile,
     resolve_precision,
 )
 from sparse_transformer.distributed.monitoring import EVAL_METRIC_NAMES, METRIC_NAMES, gauge_name
@@ -245,6 +246,9 @@ def _train(loop_config: dict[str, Any]) -> None:
         meta = ckpt_io.verify_complete(cdir) if cdir is not None else None
         universal = meta is not None and ckpt_io.needs_universal(meta, world, t.zero_stage)
         model = _build_model(cfg, device)
+        compiled = resolve_compile(cfg, on_gpu)
+        if compiled:
+            model.compile_blocks()  # traced on the first step, which reports its time
         ds_config = deepspeed_config(cfg, world, on_gpu=on_gpu)
         if universal:
             ds_config["checkpoint"] = {"load_universal": True}
@@ -451,6 +455,7 @@ def _train(loop_config: dict[str, Any]) -> None:
     last_val: float | None = None
     stopper = StopWatcher(loop_config.get("stop_flag"), world, device)
     engine.train()
+    first_step = True
     while step < t.steps:
         maybe_fault(step)
         t0 = time.perf_counter()
@@ -484,6 +489,10 @@ def _train(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 console.info(f"[train] step {step + 1}: non-finite gradients, step skipped")
         step += 1
+        if first_step:
+            first_step = False
+            if rank == 0:
+                _report_first_step(console, device, t0, compiled)
         win_wait += wait
         win_steps += 1
         stopping = step < t.steps and stopper.should_stop()  # the same on every rank
@@ -551,6 +560,17 @@ def _train(loop_config: dict[str, Any]) -> None:
     if exporter is not None:
         exporter.close()
     del loader_iter
+
+
+def _report_first_step(
+    console: logging.Logger, device: torch.device, t0: float, compiled: bool
+) -> None:
+    """Log the first step's time (one device sync): it compiles the blocks and tunes
+    the attention kernels, so it is the compile time a run pays."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    what = "compiling the blocks and tuning the kernels" if compiled else "warm-up"
+    console.info(f"[train] first step: {time.perf_counter() - t0:.1f} s ({what} included)")
 
 
 def _attention_launch_configs() -> dict[str, list[str]] | None:

@@ -83,7 +83,12 @@ class SparseTransformerConfig:
     recompute: str | tuple[str, ...] = "none"
     """Recomputation policy: one of RECOMPUTE_POLICIES for every block, or one per block."""
     attention_backend: str = "auto"
-    """Backend of ``ops.sparse_attention``: auto, reference, torch, flex, triton."""
+    """Backend of ``ops.sparse_attention``: auto, reference, torch, flex, triton, or sdpa
+    (PyTorch's fused dense kernels; dense patterns only)."""
+    compile: bool | str = "auto"
+    """``torch.compile`` the residual blocks (``SparseTransformer.compile_blocks``) in
+    training: true, false, or auto (on CUDA GPUs). Read by the trainer; the model
+    builds eager either way."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise in place
@@ -185,6 +190,13 @@ class SparseTransformerConfig:
                 "attention_backend",
                 f"unknown backend {self.attention_backend!r}; expected one of {BACKENDS}",
             )
+        if self.attention_backend == "sdpa" and self.pattern != "dense":
+            _fail(
+                "attention_backend",
+                f"sdpa runs dense causal attention only; pattern is {self.pattern!r}",
+            )
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            _fail("compile", f"must be true, false or auto, got {self.compile!r}")
         # Let ops validate the patterns too (e.g. multihead with too few heads).
         for layer in range(min(self.n_layers, 2)):
             try:

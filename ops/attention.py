@@ -9,6 +9,9 @@ Backends:
   never builds an n x n tensor; CPU and GPU.
 - ``flex``: FlexAttention fed the same mask_mod (forward-only on CPU).
 - ``triton``: the block-sparse Triton kernels (CUDA; see ``ops.triton_attention``).
+- ``sdpa``: dense causal layouts only: ``F.scaled_dot_product_attention(is_causal=True)``
+  (FlashAttention / cuDNN / memory-efficient kernels on a GPU), the strongest dense
+  baseline; any other pattern is refused.
 - ``auto``: the fastest available for the inputs: triton on CUDA when it is
   importable and supports the shape, else torch.
 """
@@ -19,10 +22,11 @@ import importlib.util
 import os
 
 import torch
+import torch.nn.functional as F
 
 from sparse_transformer.ops.layout import BlockLayout
 
-BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "flex", "triton")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "torch", "flex", "triton", "sdpa")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -117,6 +121,13 @@ def sparse_attention(
         from sparse_transformer.ops.blocksparse_torch import blocksparse_attention_torch
 
         return blocksparse_attention_torch(q, k, v, layout, scale=scale)
+    if backend == "sdpa":
+        if layout.pattern.kind != "dense":
+            raise ValueError(
+                f"sparse_attention: the sdpa backend runs dense causal attention only; this "
+                f"layout's pattern is {layout.pattern.kind!r}"
+            )
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if backend == "flex":
         if q.dtype == torch.float64 and q.is_cuda:
             raise ValueError("sparse_attention: the flex backend does not support fp64 on CUDA")

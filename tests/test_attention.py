@@ -126,3 +126,24 @@ def test_bad_inputs_raise_value_errors() -> None:
         sparse_attention(*(torch.ones(1, 2, 32, 8, dtype=torch.int32) for _ in range(3)), layout)
     with pytest.raises(ValueError, match="no backward on CPU"):
         sparse_attention(q.requires_grad_(), q, q, layout, backend="flex")
+
+
+@pytest.mark.parametrize("n", [1, 37, 128])
+def test_sdpa_backend_is_dense_causal_attention(n: int) -> None:
+    """``sdpa`` (PyTorch's fused kernels) on a dense layout equals the reference, at the
+    layout's n and shorter, with an explicit scale."""
+    layout = compile_layout(
+        pattern_for_layer("dense", mode="merged", layer=0, n_heads=2), 128, 2, 32, 32
+    )
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    out = sparse_attention(q, k, v, layout, backend="sdpa", scale=0.3)
+    torch.testing.assert_close(out, reference_attention(q, k, v, layout, scale=0.3))
+
+
+def test_sdpa_backend_refuses_sparse_layouts() -> None:
+    pattern = pattern_for_layer("fixed", mode="merged", layer=0, n_heads=2, stride=16, summary=4)
+    layout = compile_layout(pattern, 64, 2, 16, 16)
+    q = torch.randn(1, 2, 64, 16)
+    with pytest.raises(ValueError, match="sdpa backend runs dense causal attention only"):
+        sparse_attention(q, q, q, layout, backend="sdpa")

@@ -20,6 +20,7 @@ from sparse_transformer.distributed.config import (
     load_config,
     parse_override,
     redact,
+    resolve_compile,
 )
 from sparse_transformer.model import list_model_configs, load_model_config
 
@@ -78,6 +79,8 @@ def test_overrides_are_typed_by_the_field() -> None:
         ("train.zero_stage=4", "train.zero_stage"),
         ("scaling.min_workers=3", "scaling.min_workers"),
         ("train.steps=0", "train.steps: must be > 0"),
+        ("model.compile=maybe", "model.compile: must be true, false or auto"),
+        ("model.attention_backend=sdpa", "model.attention_backend: sdpa runs dense"),
         ("train.fault_step=3", None),  # valid: rank 1 of 2 workers
         ("train.fault_rank=5", None),  # valid while fault_step < 0
     ],
@@ -289,3 +292,15 @@ def test_worker_failures_are_described_rank_by_rank() -> None:
     import pickle
 
     assert str(pickle.loads(pickle.dumps(err))) == str(err)
+
+
+def test_compile_resolution() -> None:
+    """auto compiles on GPUs only and never under ZeRO-3, whose hooks a compiled block
+    cannot hold; asking for both is refused."""
+    assert resolve_compile(load_config("tiny"), on_gpu=True)
+    assert not resolve_compile(load_config("tiny"), on_gpu=False)
+    assert resolve_compile(load_config("tiny", ["model.compile=true"]), on_gpu=False)
+    assert not resolve_compile(load_config("tiny", ["model.compile=false"]), on_gpu=True)
+    assert not resolve_compile(load_config("tiny", ["train.zero_stage=3"]), on_gpu=True)
+    with pytest.raises(ConfigError, match="model.compile: ZeRO stage 3"):
+        load_config("tiny", ["model.compile=true", "train.zero_stage=3"])
