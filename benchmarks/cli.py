@@ -9,6 +9,7 @@ BENCHMARKS = {
     "attention-cpu": "sparse_transformer.benchmarks.attention_cpu",
     "attention": "sparse_transformer.benchmarks.attention",
     "data": "sparse_transformer.benchmarks.data",
+    "train-step": "sparse_transformer.benchmarks.train_step",
 }
 
 
@@ -16,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``bench NAME [ARGS...]``."""
     p = sub.add_parser(
         "bench",
-        help="run a benchmark (layouts, attention-cpu, attention, data)",
+        help="run a benchmark (layouts, attention-cpu, attention, data, train-step)",
         description="Run one of the benchmarks in benchmarks/; arguments after the name go to it "
         "(try `sparse-transformer bench NAME --help`).",
     )

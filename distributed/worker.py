@@ -425,7 +425,7 @@ def _train(loop_config: dict[str, Any]) -> None:
 
     # -- the loop -----------------------------------------------------------------------------
     micro = cfg.micro_batch_size(world)
-    loader_iter = iter(train_ds.loader())
+    loader_iter = iter(train_ds.loader(pin_memory=on_gpu))
 
     def next_batch() -> torch.Tensor:
         nonlocal loader_iter
@@ -436,7 +436,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         try:
             return next(loader_iter)
         except StopIteration:  # epoch over: the dataset has moved on to the next one
-            loader_iter = iter(train_ds.loader())
+            loader_iter = iter(train_ds.loader(pin_memory=on_gpu))
             return next(loader_iter)
         finally:
             torch.set_rng_state(rng)
@@ -465,6 +465,7 @@ def _train(loop_config: dict[str, Any]) -> None:
             digest = hashlib.sha256(batch.numpy().tobytes()).hexdigest()[:16]
             with open(digests, "a") as f:
                 f.write(json.dumps({"step": step, "rank": rank, "batch": digest}) + "\n")
+        # pinned on a GPU: the copy is queued behind the running step, the host goes on
         batch = batch.to(device, non_blocking=True)
         targets = batch_targets(batch)
         will_log = (step + 1) % t.log_every == 0 or step + 1 == t.steps
