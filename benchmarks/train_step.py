@@ -39,6 +39,9 @@ import torch
 MATMUL_RATE = 760e12
 """The H200's measured dense fp16 matmul rate (benchmarks/attention.py, 8192^3)."""
 
+SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+"""Profiler events where the host waits for the device (``.item()`` and friends)."""
+
 CONFIGS: dict[str, dict[str, Any]] = {
     # batch: sequences per step; dense: whether the dense baseline runs (n^2 work)
     "enwik8": {"batch": 4, "dense": True},
@@ -127,7 +130,9 @@ def profile_step(step, device: torch.device) -> dict[str, Any]:
     for e in kernels:
         by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total / 1e3
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:5]
+    syncs = [e for e in prof.events() if e.name in SYNC_EVENTS]
     return {
+        "host_syncs_per_step": len(syncs),
         "kernels_per_step": len(kernels) if device.type == "cuda" else None,
         "kernel_ms": round(sum(by_name.values()), 2),
         "top_kernels_ms": [[name[:90], round(ms, 2)] for name, ms in top],
@@ -135,15 +140,20 @@ def profile_step(step, device: torch.device) -> dict[str, Any]:
 
 
 def measure(name: str, attention: str, mode: str, device, dtype, reps: int, **changes) -> dict:
-    """One row: build, compile (timed), time, profile."""
-    batch_size = CONFIGS[name]["batch"]
+    """One row of the bare step: build, compile (timed in the first step), time, profile."""
     model = build(name, attention, device, dtype, **changes)
-    cfg = model.config
     if mode != "eager":
         model.compile_blocks(**({"mode": "reduce-overhead"} if mode == "cudagraphs" else {}))
+    cfg = model.config
     g = torch.Generator(device=device).manual_seed(0)
+    batch_size = CONFIGS[name]["batch"]
     batch = torch.randint(0, cfg.vocab_size, (batch_size, cfg.n_ctx), device=device, generator=g)
     step = _step_fn(model, batch, batch.roll(-1, dims=1))
+    return _timed_row(name, attention, mode, model, step, device, reps)
+
+
+def _timed_row(name: str, attention: str, mode: str, model, step, device, reps: int) -> dict:
+    cfg = model.config
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
@@ -153,6 +163,7 @@ def measure(name: str, attention: str, mode: str, device, dtype, reps: int, **ch
     step()  # a second warm-up: autotuning and lazy allocations settle
     times = sorted(_time_steps(step, device, reps))
     step_s = times[len(times) // 2]
+    batch_size = CONFIGS[name]["batch"]
     tokens = batch_size * cfg.n_ctx
     n_params = model.num_params()
     row = {
@@ -175,11 +186,61 @@ def measure(name: str, attention: str, mode: str, device, dtype, reps: int, **ch
         ),
     }
     row.update(profile_step(step, device))
-    del model, step
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def _deepspeed_engine(name: str, model, cpu: bool):
+    """A one-process DeepSpeed engine with the trainer's own DeepSpeed config."""
+    import socket
+
+    import deepspeed
+
+    from sparse_transformer.distributed.config import deepspeed_config, load_config
+
+    cfg = load_config(
+        name,
+        [
+            f"data.global_batch_size={CONFIGS[name]['batch']}",
+            "scaling.num_workers=1",
+            "train.zero_stage=0",
+            f"train.precision={'fp32' if cpu else 'fp16'}",
+        ],
+    )
+    if not torch.distributed.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0"}
+        os.environ.update({**env, "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        torch.distributed.init_process_group("gloo" if cpu else "nccl", rank=0, world_size=1)
+    ds_config = deepspeed_config(cfg, 1, on_gpu=not cpu)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config
+    )
+    return engine
+
+
+def measure_deepspeed(name: str, device: torch.device, reps: int) -> dict:
+    """A whole training step (forward, backward, loss scaling, Adam) through the
+    trainer's DeepSpeed engine, compiled, without Ray: what DeepSpeed adds to the bare
+    step, and where (its own host syncs included)."""
+    cpu = device.type == "cpu"
+    model = build(name, "sparse", device, torch.float32)
+    model.compile_blocks()
+    engine = _deepspeed_engine(name, model, cpu)
+    cfg = model.config
+    batch = torch.randint(0, cfg.vocab_size, (CONFIGS[name]["batch"], cfg.n_ctx), device=device)
+    targets = batch.roll(-1, dims=1)
+
+    def step() -> None:
+        _, loss = engine(batch, targets)
+        engine.backward(loss)
+        engine.step()
+
+    return _timed_row(name, "sparse", "deepspeed", model, step, device, reps)
 
 
 def ray_deepspeed(name: str, steps: int, work: Path, cpu: bool) -> dict:
@@ -221,6 +282,7 @@ def plan(configs: list[str], ray_configs: list[str], cpu: bool) -> list[tuple]:
     first = [c for c in configs if c in ("enwik8", "cifar10", "tiny")]
     rows = [row for name in first for row in bare(name)]
     rows += [("ray", name, "sparse", "ray-deepspeed", {}) for name in ray_configs]
+    rows += [("deepspeed", name, "sparse", "deepspeed", {}) for name in ray_configs]
     rows += [row for name in configs if name not in first for row in bare(name)]
     for name in ("music-1m", "enwik8"):  # what recomputation saves, and costs
         if name in configs:
@@ -236,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed steps per row (median kept)")
     p.add_argument("--ray-configs", default="enwik8,cifar10", help="'' to skip Ray Train")
     p.add_argument("--ray-steps", type=int, default=60)
+    p.add_argument("--modes", default="", help="only rows of these modes (eager,compiled,...)")
     p.add_argument("--budget-s", type=float, default=500, help="skip rows after this long")
     p.add_argument("--json", default="benchmarks/results/train_step.json")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny config on the CPU, fp32")
@@ -257,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     start = time.time()
     jobs = plan(configs, ray_configs, args.cpu_smoke)
+    if args.modes:
+        jobs = [job for job in jobs if job[3] in args.modes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="st-train-step-"))
     for kind, name, attention, mode, changes in jobs:
         label = f"{name} {attention} {mode} {changes or ''}".strip()
@@ -267,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if kind == "bare":
                 row = measure(name, attention, mode, device, dtype, args.reps, **changes)
+            elif kind == "deepspeed":
+                row = measure_deepspeed(name, device, args.reps)
             else:
                 row = ray_deepspeed(name, args.ray_steps, work, args.cpu_smoke)
         except Exception as err:  # noqa: BLE001 - a failed row is a result too
