@@ -192,7 +192,7 @@ def _timed_row(name: str, attention: str, mode: str, model, step, device, reps: 
     return row
 
 
-def _deepspeed_engine(name: str, model, cpu: bool):
+def _deepspeed_engine(name: str, model, cpu: bool, zero_stage: int):
     """A one-process DeepSpeed engine with the trainer's own DeepSpeed config."""
     import socket
 
@@ -205,7 +205,7 @@ def _deepspeed_engine(name: str, model, cpu: bool):
         [
             f"data.global_batch_size={CONFIGS[name]['batch']}",
             "scaling.num_workers=1",
-            "train.zero_stage=0",
+            f"train.zero_stage={zero_stage}",
             f"train.precision={'fp32' if cpu else 'fp16'}",
         ],
     )
@@ -223,14 +223,14 @@ def _deepspeed_engine(name: str, model, cpu: bool):
     return engine
 
 
-def measure_deepspeed(name: str, device: torch.device, reps: int) -> dict:
+def measure_deepspeed(name: str, device: torch.device, reps: int, zero_stage: int = 0) -> dict:
     """A whole training step (forward, backward, loss scaling, Adam) through the
     trainer's DeepSpeed engine, compiled, without Ray: what DeepSpeed adds to the bare
     step, and where (its own host syncs included)."""
     cpu = device.type == "cpu"
     model = build(name, "sparse", device, torch.float32)
     model.compile_blocks()
-    engine = _deepspeed_engine(name, model, cpu)
+    engine = _deepspeed_engine(name, model, cpu, zero_stage)
     cfg = model.config
     batch = torch.randint(0, cfg.vocab_size, (CONFIGS[name]["batch"], cfg.n_ctx), device=device)
     targets = batch.roll(-1, dims=1)
@@ -240,7 +240,8 @@ def measure_deepspeed(name: str, device: torch.device, reps: int) -> dict:
         engine.backward(loss)
         engine.step()
 
-    return _timed_row(name, "sparse", "deepspeed", model, step, device, reps)
+    row = _timed_row(name, "sparse", "deepspeed", model, step, device, reps)
+    return {**row, "zero_stage": zero_stage}
 
 
 def ray_deepspeed(name: str, steps: int, work: Path, cpu: bool) -> dict:
@@ -298,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed steps per row (median kept)")
     p.add_argument("--ray-configs", default="enwik8,cifar10", help="'' to skip Ray Train")
     p.add_argument("--ray-steps", type=int, default=60)
+    p.add_argument("--zero-stage", type=int, default=0, help="ZeRO stage of the deepspeed rows")
     p.add_argument("--modes", default="", help="only rows of these modes (eager,compiled,...)")
     p.add_argument("--budget-s", type=float, default=500, help="skip rows after this long")
     p.add_argument("--json", default="benchmarks/results/train_step.json")
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "bare":
                 row = measure(name, attention, mode, device, dtype, args.reps, **changes)
             elif kind == "deepspeed":
-                row = measure_deepspeed(name, device, args.reps)
+                row = measure_deepspeed(name, device, args.reps, args.zero_stage)
             else:
                 row = ray_deepspeed(name, args.ray_steps, work, args.cpu_smoke)
         except Exception as err:  # noqa: BLE001 - a failed row is a result too
