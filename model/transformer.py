@@ -70,6 +70,8 @@ class SparseSelfAttention(nn.Module):
             layout = compile_layout(
                 self.pattern, n, self.n_heads, self.block_q, self.block_k, device=device
             )
+            if layout.any_permuted:  # the torch backend's cached orders: filled here, so a
+                layout.head_inverse_orders()  # compiled (checkpointed) region never writes
             self._bound = (n, device, layout)
         return self._bound[2]
 
@@ -299,6 +301,9 @@ class SparseTransformer(nn.Module):
         ``torch.compile`` (``mode``, ``backend``, ...). Compilation happens on the
         first forward.
         """
+        # every block shares Block.forward's compile cache: one entry per (layout, recompute
+        # policy, grad mode, length); PyTorch's default limit of 8 would fail fullgraph
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled_blocks = [
             torch.compile(block, fullgraph=True, dynamic=False, **options) for block in self.blocks
         ]

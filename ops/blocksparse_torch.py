@@ -211,6 +211,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, *output)
     ctx.mark_non_differentiable(output[1])
     ctx.args = uid, n, scale, budget
+    ctx.layout = layout_by_uid(uid)  # alive until the backward has run
 
 
 def _grad(ctx, dout, dlse):

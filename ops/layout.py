@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -159,12 +160,17 @@ def _classify(
 
 
 _UIDS = itertools.count(1)
-_BY_UID: dict[int, BlockLayout] = {}
+_BY_UID: weakref.WeakValueDictionary[int, BlockLayout] = weakref.WeakValueDictionary()
 
 
 def layout_by_uid(uid: int) -> BlockLayout:
-    """The layout whose ``uid`` this is (layouts live as long as the process)."""
-    return _BY_UID[uid]
+    """The live layout whose ``uid`` this is. A uid names a layout in this process only
+    and only while something holds the layout (a layer that bound it, the compile cache,
+    an autograd context between forward and backward)."""
+    try:
+        return _BY_UID[uid]
+    except KeyError:
+        raise KeyError(f"layout uid {uid}: no live layout has it in this process") from None
 
 
 @dataclass(eq=False)
@@ -197,6 +203,13 @@ class BlockLayout:
     and compiled graphs carry it instead of the object, which is not a tensor."""
 
     def __post_init__(self) -> None:
+        _BY_UID[self.uid] = self
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy (unpickled, deep-copied) is a new layout of this process: a fresh uid,
+        so it never resolves to whatever layout had the old number here."""
+        self.__dict__.update(state)
+        self.uid = next(_UIDS)
         _BY_UID[self.uid] = self
 
     @property

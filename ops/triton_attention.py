@@ -480,6 +480,7 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.layout_id, ctx.scale = layout_id, scale
+    ctx.layout = layout_by_uid(layout_id)  # alive until the backward has run
 
 
 def _backward(ctx, dout, dlse):

@@ -121,3 +121,25 @@ def test_bad_layout_arguments() -> None:
         compile_layout(Pattern("dense"), 10, 1, 16, 0)
     with pytest.raises(ValueError, match="multihead"):
         pattern_for_layer("strided", mode="multihead", layer=0, n_heads=1, stride=4)
+
+
+def test_layout_uids_name_live_layouts_only() -> None:
+    """Custom ops and compiled graphs carry a layout's ``uid``: a copy (pickled, as a
+    model saved whole and loaded in another process) gets its own, and a layout nothing
+    holds any more is not kept alive by the registry."""
+    import gc
+    import pickle
+
+    from sparse_transformer.ops.layout import _compile_cached, layout_by_uid
+
+    pattern = pattern_for_layer("fixed", mode="merged", layer=0, n_heads=2, stride=16, summary=4)
+    layout = compile_layout(pattern, 64, 2, 16, 16)
+    assert layout_by_uid(layout.uid) is layout
+    copy = pickle.loads(pickle.dumps(layout))
+    assert copy.uid != layout.uid and layout_by_uid(copy.uid) is copy
+    uid = layout.uid
+    del layout, copy
+    _compile_cached.cache_clear()
+    gc.collect()
+    with pytest.raises(KeyError, match=f"layout uid {uid}: no live layout"):
+        layout_by_uid(uid)

@@ -8,11 +8,15 @@ CPU, by ``tests/triton_interpret_check.py``.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from sparse_transformer.model import SparseTransformer
 from sparse_transformer.model.config import RECOMPUTE_POLICIES
+from sparse_transformer.ops.layout import _compile_cached
 from tests.test_model import randomize, small_config
 
 
@@ -24,28 +28,54 @@ def _loss_and_grads(model: SparseTransformer, idx: torch.Tensor, seed: int = 0):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("policy", RECOMPUTE_POLICIES)
-def test_compiled_blocks_match_eager(policy: str) -> None:
-    # strided/interleaved: two patterns (even and odd layers), half-size q/k (padded heads)
-    cfg = small_config("strided", "interleaved", recompute=policy)
-    model = randomize(SparseTransformer(cfg), std=0.1)
+@pytest.mark.parametrize(
+    ("kind", "mode", "policy"),
+    [
+        # two patterns (even and odd layers), half-size q/k (padded heads)
+        *[("strided", "interleaved", policy) for policy in RECOMPUTE_POLICIES],
+        # cifar10's shape: one transposed (permuted) head per block, whole-block recompute
+        ("strided", "multihead", "block"),
+    ],
+)
+def test_compiled_blocks_match_eager(kind: str, mode: str, policy: str) -> None:
+    """A model compiled cold (its first forward is compiled, as in the trainer) gives the
+    eager twin's loss, gradients and evaluation logits."""
+    cfg = small_config(kind, mode, recompute=policy)
+    eager = randomize(SparseTransformer(cfg), std=0.1)
+    model = copy.deepcopy(eager)
     idx = torch.randint(
         0, cfg.vocab_size, (2, cfg.n_ctx), generator=torch.Generator().manual_seed(1)
     )
-    eager_loss, eager_grads = _loss_and_grads(model, idx)
-    with torch.no_grad():
-        eager_logits, _ = model(idx)
+    _compile_cached.cache_clear()  # no layout (nor its cached orders) from earlier tests
     torch._dynamo.reset()
+    counters.clear()
     model.compile_blocks()  # fullgraph: a graph break inside a block raises
     assert model.compiled
-    loss, grads = _loss_and_grads(model, idx)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # really compiled
+    loss, grads = _loss_and_grads(model, idx)  # compiled first: the layouts are cold
+    assert counters["stats"]["unique_graphs"] >= (2 if mode == "interleaved" else 1)
+    eager_loss, eager_grads = _loss_and_grads(eager, idx)
+    with torch.no_grad():
+        eager_logits, _ = eager(idx)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     for g, ref in zip(grads, eager_grads):
         torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-6)
     with torch.no_grad():  # evaluation goes through the compiled blocks too
         logits, _ = model(idx)
     torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_model_evaluates_at_many_lengths() -> None:
+    """Every length (and each of its two patterns) is one more entry in the one compile
+    cache all blocks share: more than PyTorch's default limit of 8 must still work."""
+    cfg = small_config("strided", "interleaved")
+    model = randomize(SparseTransformer(cfg), std=0.1).eval()
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    model.compile_blocks()
+    idx = torch.randint(0, cfg.vocab_size, (1, cfg.n_ctx))
+    with torch.no_grad():
+        for n in (8, 16, 24, 32, 40, 48):  # 12 graphs
+            torch.testing.assert_close(model(idx[:, :n])[0], twin(idx[:, :n])[0])
 
 
 def test_compiled_dropout_backward_is_the_gradient_of_its_forward() -> None:
