@@ -17,8 +17,8 @@ bad config fails on the driver naming the field (``train.lr: expected float, got
 'abc'``). DeepSpeed's JSON (:func:`deepspeed_config`) and Ray's ScalingConfig /
 RunConfig (``sparse_transformer.distributed.trainer``) are derived from the tree.
 
-:func:`redact` replaces credential-like values by ``"***"``; every printed or
-saved config goes through it.
+Every printed or saved config goes through ``distributed.redaction.redact`` (one set
+of rules for the whole project).
 """
 
 from __future__ import annotations
@@ -35,14 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparse_transformer.distributed.redaction import redact, redact_url
 from sparse_transformer.model.config import SparseTransformerConfig, configs_dir
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRISTATE = ("auto", "true", "false")
-REDACTED = "***"
-_SECRET_WORDS = ("secret", "key", "token", "password", "passwd", "cred")
-_SECRET_PARTS = ("sk", "pwd", "pass")  # whole parts of a key: ``sk``, ``db_pass``
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
 class ConfigError(ValueError):
@@ -530,51 +527,7 @@ def data_url(cfg: Config) -> str:
     return f"file://{root}/data/{cfg.data.source}-{cfg.seq_len}"
 
 
-# -- redaction -------------------------------------------------------------------------------
-
-
-def _secret_key(key: Any) -> bool:
-    k = str(key).lower()
-    parts = re.split(r"[^a-z0-9]+", k)
-    return (
-        k.startswith("aws_")
-        or any(w in k for w in _SECRET_WORDS)
-        or any(p in _SECRET_PARTS for p in parts)
-    )
-
-
-def redact_url(url: str) -> str:
-    """``scheme://user:password@host/...`` -> ``scheme://***@host/...``."""
-    return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", url)
-
-
-def redact(obj: Any) -> Any:
-    """A copy of ``obj`` with credential-like values replaced by ``"***"``.
-
-    Mapping keys containing secret/key/token/password/passwd/cred (any case), with a
-    part (between separators) sk/pwd/pass, or starting with ``AWS_`` have their
-    (non-empty, non-numeric) values replaced; user:password in URLs is removed;
-    dataclasses become dicts. Works on nested dicts, lists, tuples and :class:`Config`.
-    """
-    if isinstance(obj, Config):
-        obj = obj.to_dict()
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            secret = (
-                _secret_key(k) and v not in (None, "") and not isinstance(v, (bool, int, float))
-            )
-            out[k] = REDACTED if secret else redact(v)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(redact(v) for v in obj)
-    if isinstance(obj, str):
-        return redact_url(obj)
-    if isinstance(obj, float) and math.isnan(obj):
-        return obj
-    return obj
+# -- printing ---------------------------------------------------------------------------------
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -42,9 +42,16 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from sparse_transformer.distributed.redaction import (
+    REDACTED,
+    is_credential_name,
+    mask_values,
+    redact,
+)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -78,90 +85,11 @@ EXCLUDES: tuple[str, ...] = (
     ".device",
 )
 
-REDACTED = "***"
-
-# Words that make a key credential-like ("max_tokens", "tokenizer", "RAY_AUTH_MODE" are not).
-_CREDENTIAL_WORDS = (
-    r"secret|passw(?:or)?d|passwd|(?<![a-z])token(?!s|iz)|credential|api[_-]?key|"
-    r"access[_-]?key|private[_-]?key|session[_-]?key|bearer"
-)
-_CREDENTIAL_KEY = re.compile(_CREDENTIAL_WORDS, re.IGNORECASE)
-# key=value / key: value / "key": "value" inside free text (entrypoints, log lines).
-_KV_IN_TEXT = re.compile(
-    rf"""(?P<key>[\w.\-]*(?:{_CREDENTIAL_WORDS})[\w.\-]*)"""
-    r"""(?P<sep>["']?\s*[=:]\s*["']?)(?P<value>[^\s"',}]+)""",
-    re.IGNORECASE,
-)
-# --secret-flag VALUE on a command line.
-_FLAG_IN_TEXT = re.compile(
-    rf"(?P<key>--[\w\-]*(?:{_CREDENTIAL_WORDS})[\w\-]*)(?P<sep>\s+)(?P<value>[^\s-]\S*)",
-    re.IGNORECASE,
-)
-# fsspec / s3fs name the access key id plainly "key".
-_CREDENTIAL_EXACT = {"key", "access_key_id", "aws_access_key_id", "account_key", "sas_token"}
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.\-]*://)(?P<user>[^/\s:@]+):[^/\s@]+@")
-
-
-# ------------------------------------------------------------------ redaction
-
-
-def _redact_text(text: str) -> str:
-    """Mask credential-like ``key=value`` pairs and URL passwords in free text."""
-    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-    text = _FLAG_IN_TEXT.sub(lambda m: f"{m['key']}{m['sep']}{REDACTED}", text)
-    return _KV_IN_TEXT.sub(lambda m: f"{m['key']}{m['sep']}{REDACTED}", text)
-
-
-def _redact(obj: Any) -> Any:
-    """A copy of ``obj`` with credential-like values replaced by ``"***"``.
-
-    Mapping values whose key looks like a credential (secret, password, token,
-    access key, ...) are masked whatever their type; strings are scanned for
-    ``key=value`` pairs and URL passwords. The fallback for
-    ``sparse_transformer.distributed.config.redact``.
-    """
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            secret_key = isinstance(k, str) and (
-                _CREDENTIAL_KEY.search(k) or k.lower() in _CREDENTIAL_EXACT
-            )
-            if secret_key and v not in (None, ""):
-                out[k] = REDACTED
-            else:
-                out[k] = _redact(v)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_redact(v) for v in obj)
-    if isinstance(obj, str):
-        return _redact_text(obj)
-    return obj
-
-
-def redact(obj: Any) -> Any:
-    """Redact with the trainer's ``distributed.config.redact``, then this module's rules.
-
-    Both are applied: the trainer's function knows its config's fields, this
-    module's ``_redact`` knows free text (entrypoints, log lines).
-    """
-    try:
-        from sparse_transformer.distributed.config import redact as config_redact
-    except ImportError:
-        return _redact(obj)
-    return _redact(config_redact(obj))
-
-
-def _mask_secrets(text: str, secrets_: Iterable[str]) -> str:
-    for s in secrets_:
-        if s and len(s) >= 6:
-            text = text.replace(s, REDACTED)
-    return _redact_text(text)
-
 
 def _known_secret_values(token: str | None) -> list[str]:
     """The auth token and the values of credential-like variables of this shell."""
     values = [token] if token else []
-    values += [v for k, v in os.environ.items() if _CREDENTIAL_KEY.search(k) and v]
+    values += [v for k, v in os.environ.items() if is_credential_name(k) and v]
     return values
 
 
@@ -284,7 +212,7 @@ def _split_overrides(items: list[str]) -> list[str]:
         key, sep, _ = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"overrides are key=value, got {item!r}")
-        if _CREDENTIAL_KEY.search(key.rsplit(".", 1)[-1]):
+        if is_credential_name(key.rsplit(".", 1)[-1]):
             raise SystemExit(
                 f"refusing to put the credential-like override {key!r} on the job's command "
                 "line (it would be visible in the dashboard): give it to the cluster through "
@@ -354,7 +282,7 @@ def _follow(job_client: Any, job_id: str, secret_values: list[str]) -> int:
 
     async def tail() -> None:
         async for chunk in job_client.tail_job_logs(job_id):
-            sys.stdout.write(_mask_secrets(chunk, secret_values))
+            sys.stdout.write(mask_values(chunk, secret_values))
             sys.stdout.flush()
 
     try:
@@ -524,7 +452,7 @@ def _jobs_logs(args: argparse.Namespace) -> int:
     secret_values = _known_secret_values(auth_token())
     if args.follow:
         return _follow(job_client, args.job_id, secret_values)
-    sys.stdout.write(_mask_secrets(job_client.get_job_logs(args.job_id), secret_values))
+    sys.stdout.write(mask_values(job_client.get_job_logs(args.job_id), secret_values))
     sys.stdout.flush()
     return 0
 

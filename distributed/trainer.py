@@ -23,10 +23,9 @@ from sparse_transformer.distributed.config import (
     dump_yaml,
     is_remote,
     local_path,
-    redact,
-    redact_url,
     relative_paths,
 )
+from sparse_transformer.distributed.redaction import redact, redact_url
 
 
 class StorageError(RuntimeError):

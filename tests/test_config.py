@@ -12,16 +12,15 @@ import yaml
 
 from sparse_transformer.cli import build_parser, main
 from sparse_transformer.distributed.config import (
-    REDACTED,
     Config,
     ConfigError,
     deepspeed_config,
     dump_yaml,
     load_config,
     parse_override,
-    redact,
     resolve_compile,
 )
+from sparse_transformer.distributed.redaction import REDACTED, redact
 from sparse_transformer.model import list_model_configs, load_model_config
 
 
@@ -304,3 +303,14 @@ def test_compile_resolution() -> None:
     assert not resolve_compile(load_config("tiny", ["train.zero_stage=3"]), on_gpu=True)
     with pytest.raises(ConfigError, match="model.compile: ZeRO stage 3"):
         load_config("tiny", ["model.compile=true", "train.zero_stage=3"])
+
+
+def test_one_set_of_redaction_rules() -> None:
+    """The trainer's config dump, ``submit``'s output and the checkpoints' config share one
+    module; a number under a credential's name is masked, a count under a key-ish name is
+    not, and free text in a config value is scanned too."""
+    from sparse_transformer.distributed import submit, trainer
+
+    assert submit.redact is redact and trainer.redact is redact
+    out = redact({"password": 123456, "num_keys": 3, "max_tokens": 512, "note": "api_key=abcdef12"})
+    assert out == {"password": REDACTED, "num_keys": 3, "max_tokens": 512, "note": "api_key=***"}

@@ -33,6 +33,7 @@ import psutil
 import pytest
 
 from sparse_transformer.cli import main as cli_main
+from sparse_transformer.distributed import redaction
 from sparse_transformer.distributed import submit as sub
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -405,7 +406,7 @@ def test_redaction() -> None:
     assert r["list"] == ["password=***", "plain"]
     assert cfg["data"]["storage_options"]["secret"] == "wJalrXUtnFEMI/K7MDENG"  # a copy
     line = "train.lr=3e-4 aws_secret_access_key=AbC123 --token xyz 'api_key': 'k-123456'"
-    masked = sub._redact_text(line)
+    masked = redaction.redact_text(line)
     assert "AbC123" not in masked and "k-123456" not in masked and "train.lr=3e-4" in masked
 
 
