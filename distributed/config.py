@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparse_transformer import configs
 from sparse_transformer.distributed.redaction import redact, redact_url
-from sparse_transformer.model.config import SparseTransformerConfig, configs_dir
+from sparse_transformer.model.config import SparseTransformerConfig
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRISTATE = ("auto", "true", "false")
@@ -414,18 +415,11 @@ def validate(cfg: Config) -> None:
 
 
 def resolve_config_path(name_or_path: str | os.PathLike[str]) -> tuple[Path, str]:
-    """(file, run name) of a packaged config name or a YAML path."""
-    text = str(name_or_path)
-    if "/" in text or text.endswith((".yaml", ".yml")):
-        path = Path(text)
-        if not path.is_file():
-            raise ConfigError(f"--config: no file at {path}")
-        return path, path.stem
-    path = configs_dir() / f"{text}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in configs_dir().glob("*.yaml"))
-        raise ConfigError(f"--config: unknown name {text!r}; available: {', '.join(names)}")
-    return path, text
+    """(file, run name) of a packaged config name or a YAML path (``configs.resolve``)."""
+    try:
+        return configs.resolve(name_or_path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"--config: {err}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

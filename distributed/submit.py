@@ -46,6 +46,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sparse_transformer import configs
 from sparse_transformer.distributed.redaction import (
     REDACTED,
     is_credential_name,
@@ -199,12 +200,12 @@ def _dir_size(path: Path) -> int:
 # ----------------------------------------------------------- config + env
 
 
-def _find_config(name_or_path: str) -> Path | None:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        return p.resolve()
-    candidate = PROJECT_ROOT / "configs" / f"{name_or_path}.yaml"
-    return candidate if candidate.is_file() else None
+def _find_config(name_or_path: str) -> Path:
+    """The config file ``--config`` names (``configs.resolve``: the trainer's own rule)."""
+    try:
+        return configs.resolve(name_or_path)[0].resolve()
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--config {name_or_path}: {err}") from None
 
 
 def _split_overrides(items: list[str]) -> list[str]:
@@ -369,8 +370,6 @@ def _submit(args: argparse.Namespace) -> int:
     address = resolve_address(args.address)
     config_arg = args.config
     config_path = _find_config(config_arg) if config_arg else None
-    if config_arg and config_path is None and Path(config_arg).suffix in (".yaml", ".yml"):
-        raise SystemExit(f"--config {config_arg}: no such file")
     python = args.python or (sys.executable if _is_loopback(address) else "python")
     cmd = [python, "-m", "sparse_transformer", "train"]
     if config_path is not None:
@@ -379,8 +378,6 @@ def _submit(args: argparse.Namespace) -> int:
             cmd += ["--config", f"sparse_transformer/{rel}"]
         else:  # shipped beside the package
             cmd += ["--config", config_path.name]
-    elif config_arg:
-        cmd += ["--config", config_arg]
     if not any(o.startswith("run.ray_address=") for o in overrides):
         # A job's driver joins the cluster it runs on (configs may say `local`,
         # which would start a private Ray inside the job).

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from sparse_transformer import configs
 from sparse_transformer.ops import BACKENDS, HEAD_MODES, PATTERN_KINDS, Pattern, pattern_for_layer
 
 RECOMPUTE_POLICIES: tuple[str, ...] = ("none", "attention", "block")
@@ -281,35 +282,26 @@ class SparseTransformerConfig:
 
 def configs_dir() -> Path:
     """The packaged ``configs/`` folder."""
-    import sparse_transformer
-
-    return Path(sparse_transformer.__file__).resolve().parent / "configs"
+    return configs.configs_dir()
 
 
 def list_model_configs() -> list[str]:
     """Names of the packaged configurations (``configs/*.yaml``), sorted."""
-    return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+    return configs.names()
 
 
 def load_model_config(name_or_path: str | Path) -> SparseTransformerConfig:
     """The ``model:`` section of a named configuration or of a YAML file.
 
     A bare name (no ``/`` and no ``.yaml`` suffix) is looked up in the packaged
-    ``configs/`` folder; anything else is read as a path.
+    ``configs/`` folder; anything else is read as a path (``configs.resolve``).
     """
     import yaml
 
-    text = str(name_or_path)
-    if isinstance(name_or_path, Path) or "/" in text or text.endswith((".yaml", ".yml")):
-        path = Path(name_or_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"model config: no file at {path}")
-    else:
-        path = configs_dir() / f"{text}.yaml"
-        if not path.is_file():
-            raise ValueError(
-                f"model config: unknown name {text!r}; available: {', '.join(list_model_configs())}"
-            )
+    try:
+        path, _ = configs.resolve(name_or_path)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"model config: {err}") from None
     with open(path, encoding="utf-8") as f:
         doc = yaml.safe_load(f)
     if not isinstance(doc, Mapping) or not isinstance(doc.get("model"), Mapping):

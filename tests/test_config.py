@@ -314,3 +314,25 @@ def test_one_set_of_redaction_rules() -> None:
     assert submit.redact is redact and trainer.redact is redact
     out = redact({"password": 123456, "num_keys": 3, "max_tokens": 512, "note": "api_key=abcdef12"})
     assert out == {"password": REDACTED, "num_keys": 3, "max_tokens": 512, "note": "api_key=***"}
+
+
+def test_one_rule_for_config_names(tmp_path: Path) -> None:
+    """The trainer's --config, the model loader and submit's --config resolve names and
+    paths by the one rule of ``configs.resolve`` and refuse the same things."""
+    from sparse_transformer import configs
+    from sparse_transformer.distributed import submit
+    from sparse_transformer.distributed.config import resolve_config_path
+
+    own = tmp_path / "mine.yml"
+    own.write_text((configs.configs_dir() / "tiny.yaml").read_text())
+    for arg, name in (("tiny", "tiny"), (str(own), "mine")):
+        path, got = resolve_config_path(arg)
+        assert got == name and submit._find_config(arg) == path.resolve()
+        assert load_model_config(arg) == load_model_config(path)
+    for bad in ("tinny", str(tmp_path / "absent.yaml")):
+        with pytest.raises(ConfigError, match="--config: "):
+            resolve_config_path(bad)
+        with pytest.raises((ValueError, FileNotFoundError), match="model config: "):
+            load_model_config(bad)
+        with pytest.raises(SystemExit, match=f"--config {bad}: "):
+            submit._find_config(bad)
