@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 from pathlib import Path
+
+from sparse_transformer.data.storage import replacing
 
 log = logging.getLogger("sparse_transformer.data")
 
@@ -60,14 +61,12 @@ class ShardCache:
         if self.limit_bytes is not None and len(data) > self.limit_bytes:
             return
         p = self.path(key)
-        tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
         try:
-            tmp.write_bytes(data)
-            self._stamp(tmp)
-            os.replace(tmp, p)
+            with replacing(p, fsync=False) as tmp:  # a cache: losing it on a crash is fine
+                tmp.write_bytes(data)
+                self._stamp(tmp)
         except OSError as e:  # a full disk must not stop training: the cache is optional
             log.warning("shard cache %s: cannot store %s: %s", self.directory, key, e)
-            tmp.unlink(missing_ok=True)
             return
         self.evict(keep=key)
 

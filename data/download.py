@@ -24,6 +24,7 @@ from pathlib import Path
 
 from sparse_transformer.data.errors import ChecksumMismatchError, DownloadError
 from sparse_transformer.data.retry import RetryPolicy, retry_call
+from sparse_transformer.data.storage import replacing
 
 log = logging.getLogger("sparse_transformer.data")
 
@@ -104,10 +105,8 @@ def download(
         except ChecksumMismatchError:
             log.warning("%s: cached copy does not verify; downloading again", dest)
             dest.unlink()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
 
-    def attempt() -> None:
+    def attempt(tmp: Path) -> None:
         request = urllib.request.Request(url, headers={"User-Agent": "sparse-transformer"})
         try:
             with (
@@ -126,16 +125,12 @@ def download(
             )
 
     log.info("downloading %s -> %s", url, dest)
-    try:
-        retry_call(attempt, what=f"download {url}", policy=policy)
+    with replacing(dest, fsync=False) as tmp:
+        retry_call(lambda: attempt(tmp), what=f"download {url}", policy=policy)
         try:
             verify_file(tmp, sha256=sha256, md5=md5, size=size)
         except ChecksumMismatchError as e:
             raise ChecksumMismatchError(f"download {url}: {e}") from None
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     if not (sha256 or md5):
         log.warning(
             "%s: no published checksum to verify against; its sha256 is %s", url, file_digest(dest)
@@ -166,10 +161,8 @@ def extract_wiki_sample(archive: str | os.PathLike[str], dest: str | os.PathLike
             f"{archive}: wiki sample is {len(data):,} bytes with sha256 {got}; expected "
             f"{WIKI_SAMPLE_SIZE:,} bytes with sha256 {WIKI_SAMPLE_SHA256}"
         )
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    with replacing(dest, fsync=False) as tmp:
+        tmp.write_bytes(data)
     return dest
 
 

@@ -10,9 +10,12 @@ object stores publish a PUT only when it completes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -75,27 +78,34 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return protocol in ("file", "local")
 
 
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[Path]:
+    """A fresh temporary file beside local ``path``: write it inside the block; when the
+    block ends without an exception it is (fsync'ed and) renamed onto ``path`` in one
+    step, so readers see the old file or the whole new one; otherwise it is removed.
+    The project's one write-to-temp-then-rename."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either nothing or all of it.
 
-    Local files go to a unique temporary name in the same directory, are
-    fsync'ed and renamed into place; object stores (S3, GCS, memory) publish an
+    Local files go through :func:`replacing`; object stores (S3, GCS, memory) publish an
     object only when its upload completes, so they are written directly.
     """
-    parent = posixpath.dirname(path)
     if is_local(fs):
-        os.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with replacing(path) as tmp:
+            tmp.write_bytes(data)
     else:
         fs.pipe_file(path, data)
 
