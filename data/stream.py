@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -54,20 +53,13 @@ _NUMPY_DTYPES = {
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """``(rank, world_size)``: the given ones, else Ray Train's context, else torch.distributed,
-    else the ``RANK`` / ``WORLD_SIZE`` environment variables, else ``(0, 1)``."""
+    """``(rank, world_size)``: the given ones, else torch.distributed's process group (Ray
+    Train's ``TorchTrainer`` and torchrun set it up), else the ``RANK`` / ``WORLD_SIZE``
+    environment variables, else ``(0, 1)``. The data layer knows no orchestrator."""
     if (rank is None) != (world_size is None):
         raise ValueError("give both rank and world_size, or neither")
     if rank is not None and world_size is not None:
         return int(rank), int(world_size)
-    if "ray" in sys.modules:
-        try:
-            import ray.train
-
-            ctx = ray.train.get_context()
-            return int(ctx.get_world_rank()), int(ctx.get_world_size())
-        except Exception:  # noqa: BLE001 - not inside a Ray Train worker
-            pass
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

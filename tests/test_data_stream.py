@@ -328,10 +328,11 @@ def test_rank_and_world_from_the_environment(
 
 
 @pytest.mark.slow
-def test_ray_train_workers_take_rank_and_world_from_the_context(
+def test_ray_train_workers_take_rank_and_world_from_the_process_group(
     text_ds: tuple[str, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two Ray Train workers, each constructing the dataset without rank arguments."""
+    """Two Ray Train workers, each constructing the dataset without rank arguments: the
+    ranks come from the process group TorchTrainer set up (data/ never imports Ray)."""
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     # Loopback only: by default Ray binds and connects through the machine's LAN address.
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
