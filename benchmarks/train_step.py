@@ -196,8 +196,7 @@ def _deepspeed_engine(name: str, model, cpu: bool, zero_stage: int):
     """A one-process DeepSpeed engine with the trainer's own DeepSpeed config."""
     import socket
 
-    import deepspeed
-
+    from sparse_transformer.distributed import deepspeed_adapter
     from sparse_transformer.distributed.config import deepspeed_config, load_config
 
     cfg = load_config(
@@ -216,10 +215,7 @@ def _deepspeed_engine(name: str, model, cpu: bool, zero_stage: int):
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0"}
         os.environ.update({**env, "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         torch.distributed.init_process_group("gloo" if cpu else "nccl", rank=0, world_size=1)
-    ds_config = deepspeed_config(cfg, 1, on_gpu=not cpu)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=ds_config
-    )
+    engine, _ = deepspeed_adapter.initialize(model, deepspeed_config(cfg, 1, on_gpu=not cpu))
     return engine
 
 

@@ -43,6 +43,7 @@ import torch
 
 from sparse_transformer.distributed import checkpoint as ckpt_io
 from sparse_transformer.distributed import collectives
+from sparse_transformer.distributed import deepspeed_adapter as ds
 from sparse_transformer.distributed.config import (
     Config,
     deepspeed_config,
@@ -213,7 +214,7 @@ def _build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
 
 
 def _train(loop_config: dict[str, Any]) -> None:
-    import deepspeed
+    import deepspeed  # noqa: F401 - first: it picks its accelerator when imported
     import ray.train
 
     from sparse_transformer.data import StreamingDataset
@@ -252,9 +253,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         ds_config = deepspeed_config(cfg, world, on_gpu=on_gpu)
         if universal:
             ds_config["checkpoint"] = {"load_universal": True}
-        engine, _, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=ds_config
-        )
+        engine, scheduler = ds.initialize(model, ds_config)
         torch.manual_seed(t.seed + 1000 * (rank + 1))  # dropout stream of this rank
         state: dict[str, Any] | None = None
         if cdir is not None:
@@ -478,10 +477,10 @@ def _train(loop_config: dict[str, Any]) -> None:
                 loss = loss * float("inf")  # fault injection: gradients overflow, loss as is
             engine.backward(loss)
             if i + 1 == t.grad_accum and (guard or will_log):
-                grad_norm = _grad_norm(engine)  # the all-reduced gradients: same on every rank
+                grad_norm = ds.grad_norm(engine)  # the all-reduced gradients: same on every rank
                 skip = guard and not math.isfinite(grad_norm)
             if skip:
-                _skipped_step(engine)
+                ds.step_without_update(engine)
             else:
                 engine.step()
         win_samples += t.grad_accum * micro
@@ -508,8 +507,8 @@ def _train(loop_config: dict[str, Any]) -> None:
                 "step": step,
                 "loss_bits": float(nats_to_bits(nats / count)),
                 "learning_rate": float(scheduler.get_last_lr()[0]) if scheduler else t.lr,
-                "loss_scale": _loss_scale(engine, precision),
-                "skipped_steps": int(engine.skipped_steps) + skipped_nonfinite,
+                "loss_scale": ds.loss_scale(engine, precision),
+                "skipped_steps": ds.skipped_steps(engine) + skipped_nonfinite,
                 "grad_norm": grad_norm,
                 "tokens_per_second": tokens / max(win_time, 1e-9),
                 "samples_per_second": win_steps * d.global_batch_size / max(win_time, 1e-9),
@@ -579,53 +578,6 @@ def _attention_launch_configs() -> dict[str, list[str]] | None:
     they never ran here): a run that resumes in another process may choose otherwise."""
     kernels = sys.modules.get("sparse_transformer.ops.triton_attention")
     return kernels.autotuned_configs() if kernels is not None else None
-
-
-def _skipped_step(engine: Any) -> None:
-    """``engine.step()`` without the optimizer update (non-finite fp32 gradients).
-
-    fp16 overflow is DeepSpeed's to skip; in fp32 nothing would stop a NaN/inf update.
-    DeepSpeed's bookkeeping (micro-step counters, LR schedule, zeroing the gradients)
-    runs as usual; the optimizer's ``step`` is a no-op for this call, so no parameter,
-    moment or weight-decay update happens.
-    """
-    opt = engine.optimizer
-    for p in engine.module.parameters():
-        if p.grad is not None:
-            p.grad.zero_()  # finite, so DeepSpeed's gradient clipping stays well-defined
-    saved = vars(opt).get("step")
-    opt.step = lambda *args, **kwargs: None
-    try:
-        engine.step()
-    finally:
-        if saved is None:
-            del opt.step
-        else:
-            opt.step = saved
-
-
-def _grad_norm(engine: Any) -> float:
-    norm = engine.get_global_grad_norm()
-    if norm is not None:
-        return float(norm)
-    grads = [
-        p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None
-    ]
-    if not grads:
-        return float("nan")
-    return float(torch.linalg.vector_norm(torch.stack(grads)))
-
-
-def _loss_scale(engine: Any, precision: str) -> float:
-    if precision != "fp16":
-        return 1.0
-    opt = engine.optimizer
-    for attr in ("cur_scale", "loss_scale"):
-        value = getattr(opt, attr, None)
-        if isinstance(value, (int, float)) or torch.is_tensor(value):
-            return float(value)
-    scaler = getattr(opt, "loss_scaler", None)
-    return float(getattr(scaler, "cur_scale", float("nan")))
 
 
 def _sample(module: torch.nn.Module, cfg: Config, device: torch.device, generate: Any) -> str:
