@@ -180,10 +180,8 @@ def _device(name: str) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
-
     from sparse_transformer.data import StreamingDataset
-    from sparse_transformer.model import nats_to_bits
+    from sparse_transformer.distributed import evaluation
 
     opts = _options(args.storage_option)
     device = _device(args.device)
@@ -202,21 +200,13 @@ def _eval(args: argparse.Namespace) -> int:
         batched=True,
         storage_options=opts or None,
     )
-    total, count = 0.0, 0
     batches = (
         itertools.islice(ds.loader(), args.batches)
         if args.batches
         else _whole_split(ds, args.batch_size)
     )
-    with torch.no_grad():
-        for batch in batches:
-            batch = batch.to(device)
-            targets = torch.cat([batch[:, 1:], torch.full_like(batch[:, :1], -1)], dim=1)
-            _, loss = model(batch, targets)
-            n = int((targets >= 0).sum())
-            total += float(loss) * n
-            count += n
-    bits = float(nats_to_bits(total / max(count, 1)))
+    sums = evaluation.loss_sums(model, batches, device)
+    bits, count = evaluation.bits_per_token(sums), int(sums[1])
     print(
         json.dumps(
             {
@@ -247,21 +237,16 @@ def _whole_split(ds: Any, batch_size: int) -> Iterator[Any]:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from sparse_transformer.model import generate
+    from sparse_transformer.distributed import evaluation
 
     device = _device(args.device)
     loaded = _load(args, device, _options(args.storage_option) or None)
     if loaded is None:
         return 2
     model, _ = loaded
-    prompt = args.prompt.encode("utf-8") or b"\n"
-    length = min(args.length, model.config.n_ctx - len(prompt))
-    idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    out = generate(
-        model, idx, length, temperature=args.temperature, top_p=args.top_p, generator=gen
-    )
-    sys.stdout.write(bytes(out[0].tolist()).decode("utf-8", errors="replace") + "\n")
+    text = evaluation.sample_text(
+        model, args.prompt, args.length, seed=args.seed, device=device,
+        temperature=args.temperature, top_p=args.top_p,
+    )  # fmt: skip
+    sys.stdout.write(text + "\n")
     return 0

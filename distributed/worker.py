@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 
 from sparse_transformer.distributed import checkpoint as ckpt_io
-from sparse_transformer.distributed import collectives
+from sparse_transformer.distributed import collectives, evaluation
 from sparse_transformer.distributed import deepspeed_adapter as ds
 from sparse_transformer.distributed.config import (
     Config,
@@ -218,7 +219,7 @@ def _train(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from sparse_transformer.data import StreamingDataset
-    from sparse_transformer.model import generate, nats_to_bits
+    from sparse_transformer.model import nats_to_bits
 
     cfg = Config.from_dict(loop_config["config"])
     t, d = cfg.train, cfg.data
@@ -346,10 +347,6 @@ def _train(loop_config: dict[str, Any]) -> None:
         **common,
     )
 
-    def batch_targets(batch: torch.Tensor) -> torch.Tensor:
-        pad = torch.full_like(batch[:, :1], -1)
-        return torch.cat([batch[:, 1:], pad], dim=1)  # position t predicts t + 1
-
     @torch.no_grad()
     def evaluate() -> float:
         rng = torch.get_rng_state()  # evaluation must not move the training RNG
@@ -360,19 +357,11 @@ def _train(loop_config: dict[str, Any]) -> None:
 
     def _evaluate() -> float:
         engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nats, tokens)
         val_ds.reset()
-        for i, batch in enumerate(val_ds.loader()):
-            if t.eval_batches and i >= t.eval_batches:
-                break
-            batch = batch.to(device)
-            targets = batch_targets(batch)
-            _, loss = engine(batch, targets)
-            n = (targets >= 0).sum().double()
-            total += torch.stack([loss.double() * n, n])
+        batches = itertools.islice(val_ds.loader(), t.eval_batches or None)
+        total = evaluation.loss_sums(engine, batches, device)
         engine.train()
-        nats, tokens = collectives.all_reduce(total).tolist()  # one read per evaluation
-        return float(nats_to_bits(nats / tokens)) if tokens > 0 else float("nan")
+        return evaluation.bits_per_token(collectives.all_reduce(total))  # one read
 
     def window_over_ranks() -> list[float]:
         """[sum of the losses over samples, samples] of the open log window, all ranks."""
@@ -466,7 +455,7 @@ def _train(loop_config: dict[str, Any]) -> None:
                 f.write(json.dumps({"step": step, "rank": rank, "batch": digest}) + "\n")
         # pinned on a GPU: the copy is queued behind the running step, the host goes on
         batch = batch.to(device, non_blocking=True)
-        targets = batch_targets(batch)
+        targets = evaluation.next_token_targets(batch)
         will_log = (step + 1) % t.log_every == 0 or step + 1 == t.steps
         skip = False
         for i in range(t.grad_accum):
@@ -543,7 +532,10 @@ def _train(loop_config: dict[str, Any]) -> None:
         if step == t.steps and t.sample_length > 0 and (rank == 0 or t.zero_stage == 3):
             # ZeRO-3 gathers parameters collectively in every forward: all ranks run the
             # same (seeded, hence identical) decoding in lockstep; rank 0 keeps the text.
-            text = _sample(engine.module, cfg, device, generate)
+            text = evaluation.sample_text(
+                engine.module, t.sample_prompt, t.sample_length, seed=t.seed, device=device,
+                top_p=0.9,
+            )  # fmt: skip
             if rank == 0:
                 metrics = metrics or {"step": step}
                 metrics["sample"] = text
@@ -578,12 +570,3 @@ def _attention_launch_configs() -> dict[str, list[str]] | None:
     they never ran here): a run that resumes in another process may choose otherwise."""
     kernels = sys.modules.get("sparse_transformer.ops.triton_attention")
     return kernels.autotuned_configs() if kernels is not None else None
-
-
-def _sample(module: torch.nn.Module, cfg: Config, device: torch.device, generate: Any) -> str:
-    prompt = cfg.train.sample_prompt.encode("utf-8") or b"\n"
-    length = min(cfg.train.sample_length, cfg.model.n_ctx - len(prompt))
-    idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    out = generate(module, idx, length, temperature=1.0, top_p=0.9, generator=gen)
-    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
