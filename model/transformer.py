@@ -303,7 +303,9 @@ class SparseTransformer(nn.Module):
         """
         # every block shares Block.forward's compile cache: one entry per (layout, recompute
         # policy, grad mode, length); PyTorch's default limit of 8 would fail fullgraph
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
         self._compiled_blocks = [
             torch.compile(block, fullgraph=True, dynamic=False, **options) for block in self.blocks
         ]
