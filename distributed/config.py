@@ -363,7 +363,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision: expected one of {PRECISIONS}, got {t.precision!r}")
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage: expected 0, 1, 2 or 3, got {t.zero_stage}")
-    if cfg.model.compile is True and t.zero_stage == 3:
+    if cfg.model.compile in (True, "cudagraphs") and t.zero_stage == 3:
         raise ConfigError(
             "model.compile: ZeRO stage 3 gathers parameters in module hooks, which a compiled "
             "block cannot hold; use model.compile=false (or auto) or train.zero_stage <= 2"
@@ -562,14 +562,17 @@ def fp16_zero0_warning(cfg: Config, on_gpu: bool) -> str | None:
     )
 
 
-def resolve_compile(cfg: Config, on_gpu: bool) -> bool:
-    """Does training compile the model's blocks? ``model.compile: auto`` means on GPUs
-    (eager on the CPU, where compiling takes longer than a short run saves) and not
-    under ZeRO stage 3."""
+def resolve_compile(cfg: Config, on_gpu: bool) -> str | None:
+    """How training compiles the model's blocks: None (eager), ``"default"`` or
+    ``"reduce-overhead"`` (CUDA graphs), as ``torch.compile``'s mode. ``model.compile:
+    auto`` means compiled on GPUs (eager on the CPU, where compiling takes longer than a
+    short run saves) and not under ZeRO stage 3."""
     c = cfg.model.compile
     if c == "auto":
-        return on_gpu and cfg.train.zero_stage < 3
-    return bool(c)
+        return "default" if on_gpu and cfg.train.zero_stage < 3 else None
+    if c == "cudagraphs":
+        return "reduce-overhead"
+    return "default" if c else None
 
 
 def deepspeed_config(cfg: Config, world_size: int, *, on_gpu: bool) -> dict[str, Any]:

@@ -248,9 +248,9 @@ def _train(loop_config: dict[str, Any]) -> None:
         meta = ckpt_io.verify_complete(cdir) if cdir is not None else None
         universal = meta is not None and ckpt_io.needs_universal(meta, world, t.zero_stage)
         model = _build_model(cfg, device)
-        compiled = resolve_compile(cfg, on_gpu)
-        if compiled:
-            model.compile_blocks()  # traced on the first step, which reports its time
+        compile_mode = resolve_compile(cfg, on_gpu)
+        if compile_mode is not None:  # traced on the first step, which reports its time
+            model.compile_blocks(mode=compile_mode)
         ds_config = deepspeed_config(cfg, world, on_gpu=on_gpu)
         if universal:
             ds_config["checkpoint"] = {"load_universal": True}
@@ -347,6 +347,11 @@ def _train(loop_config: dict[str, Any]) -> None:
         **common,
     )
 
+    def forward(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if compile_mode == "reduce-overhead":  # CUDA graphs: each forward is a new step
+            torch.compiler.cudagraph_mark_step_begin()
+        return engine(x, y)
+
     @torch.no_grad()
     def evaluate() -> float:
         rng = torch.get_rng_state()  # evaluation must not move the training RNG
@@ -359,7 +364,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         engine.eval()
         val_ds.reset()
         batches = itertools.islice(val_ds.loader(), t.eval_batches or None)
-        total = evaluation.loss_sums(engine, batches, device)
+        total = evaluation.loss_sums(forward, batches, device)
         engine.train()
         return evaluation.bits_per_token(collectives.all_reduce(total))  # one read
 
@@ -460,7 +465,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         skip = False
         for i in range(t.grad_accum):
             x, y = batch[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
-            _, loss = engine(x, y)
+            _, loss = forward(x, y)
             win_loss += loss.detach() * len(x)  # a sum over samples: any world size
             if step == t.fault_overflow_step:
                 loss = loss * float("inf")  # fault injection: gradients overflow, loss as is
@@ -481,7 +486,7 @@ def _train(loop_config: dict[str, Any]) -> None:
         if first_step:
             first_step = False
             if rank == 0:
-                _report_first_step(console, device, t0, compiled)
+                _report_first_step(console, device, t0, compile_mode is not None)
         win_wait += wait
         win_steps += 1
         stopping = step < t.steps and stopper.should_stop()  # the same on every rank

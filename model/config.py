@@ -88,8 +88,9 @@ class SparseTransformerConfig:
     (PyTorch's fused dense kernels; dense patterns only)."""
     compile: bool | str = "auto"
     """``torch.compile`` the residual blocks (``SparseTransformer.compile_blocks``) in
-    training: true, false, or auto (on CUDA GPUs). Read by the trainer; the model
-    builds eager either way."""
+    training: true, false, auto (on CUDA GPUs), or cudagraphs (compiled, and replayed as
+    CUDA graphs: ``mode="reduce-overhead"``, for thin, deep, launch-bound models). Read by
+    the trainer; the model builds eager either way."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise in place
@@ -196,8 +197,8 @@ class SparseTransformerConfig:
                 "attention_backend",
                 f"sdpa runs dense causal attention only; pattern is {self.pattern!r}",
             )
-        if not (isinstance(self.compile, bool) or self.compile == "auto"):
-            _fail("compile", f"must be true, false or auto, got {self.compile!r}")
+        if not (isinstance(self.compile, bool) or self.compile in ("auto", "cudagraphs")):
+            _fail("compile", f"must be true, false, auto or cudagraphs, got {self.compile!r}")
         # Let ops validate the patterns too (e.g. multihead with too few heads).
         for layer in range(min(self.n_layers, 2)):
             try:

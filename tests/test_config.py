@@ -78,7 +78,7 @@ def test_overrides_are_typed_by_the_field() -> None:
         ("train.zero_stage=4", "train.zero_stage"),
         ("scaling.min_workers=3", "scaling.min_workers"),
         ("train.steps=0", "train.steps: must be > 0"),
-        ("model.compile=maybe", "model.compile: must be true, false or auto"),
+        ("model.compile=maybe", "model.compile: must be true, false, auto or cudagraphs"),
         ("model.attention_backend=sdpa", "model.attention_backend: sdpa runs dense"),
         ("train.fault_step=3", None),  # valid: rank 1 of 2 workers
         ("train.fault_rank=5", None),  # valid while fault_step < 0
@@ -296,13 +296,16 @@ def test_worker_failures_are_described_rank_by_rank() -> None:
 def test_compile_resolution() -> None:
     """auto compiles on GPUs only and never under ZeRO-3, whose hooks a compiled block
     cannot hold; asking for both is refused."""
-    assert resolve_compile(load_config("tiny"), on_gpu=True)
-    assert not resolve_compile(load_config("tiny"), on_gpu=False)
-    assert resolve_compile(load_config("tiny", ["model.compile=true"]), on_gpu=False)
-    assert not resolve_compile(load_config("tiny", ["model.compile=false"]), on_gpu=True)
-    assert not resolve_compile(load_config("tiny", ["train.zero_stage=3"]), on_gpu=True)
-    with pytest.raises(ConfigError, match="model.compile: ZeRO stage 3"):
-        load_config("tiny", ["model.compile=true", "train.zero_stage=3"])
+    assert resolve_compile(load_config("tiny"), on_gpu=True) == "default"
+    assert resolve_compile(load_config("tiny"), on_gpu=False) is None
+    assert resolve_compile(load_config("tiny", ["model.compile=true"]), on_gpu=False) == "default"
+    assert resolve_compile(load_config("tiny", ["model.compile=false"]), on_gpu=True) is None
+    assert resolve_compile(load_config("tiny", ["train.zero_stage=3"]), on_gpu=True) is None
+    cudagraphs = load_config("tiny", ["model.compile=cudagraphs"])
+    assert resolve_compile(cudagraphs, on_gpu=True) == "reduce-overhead"
+    for value in ("true", "cudagraphs"):
+        with pytest.raises(ConfigError, match="model.compile: ZeRO stage 3"):
+            load_config("tiny", [f"model.compile={value}", "train.zero_stage=3"])
 
 
 def test_one_set_of_redaction_rules() -> None:

@@ -107,6 +107,7 @@ def test_compiled_dropout_backward_is_the_gradient_of_its_forward() -> None:
 def test_compile_choice_is_validated() -> None:
     assert small_config(compile=True).compile is True
     assert small_config().compile == "auto"
+    assert small_config(compile="cudagraphs").compile == "cudagraphs"
     with pytest.raises(ValueError, match=r"SparseTransformerConfig\.compile: must be true"):
         small_config(compile="yes")
     with pytest.raises(ValueError, match=r"SparseTransformerConfig\.compile: must be true"):
