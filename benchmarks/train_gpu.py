@@ -72,6 +72,7 @@ def bench_overrides(
     *,
     precision: str = "fp16",
     use_gpu: bool = True,
+    zero_stage: int = 1,
 ) -> list[str]:
     """The ``key=value`` overrides one benchmark run applies to the named config."""
     return [
@@ -83,7 +84,7 @@ def bench_overrides(
         f"train.checkpoint_every={steps}",
         "train.sample_length=0",
         f"train.precision={precision}",
-        "train.zero_stage=0",
+        f"train.zero_stage={zero_stage}",
         f"data.global_batch_size={batch}",
         f"data.eval_batch_size={batch}",
         f"data.url={url}",

@@ -9,7 +9,7 @@ music-1m; every row side by side in one run:
   ``model.attention_backend: sdpa`` (cuDNN / FlashAttention), the strongest dense baseline;
 
 each ``eager`` and ``compiled`` (``SparseTransformer.compile_blocks``). Then the same
-step through Ray Train + DeepSpeed (fp16, dynamic loss scaling, Adam, ZeRO 0, compiled):
+step through Ray Train + DeepSpeed (fp16, dynamic loss scaling, Adam, ZeRO 1, compiled):
 a real training run of a few dozen steps on text prepared from this repository.
 
     python -m sparse_transformer.benchmarks.train_step --json benchmarks/results/train_step.json
@@ -219,29 +219,35 @@ def _deepspeed_engine(name: str, model, cpu: bool, zero_stage: int):
     return engine
 
 
-def measure_deepspeed(name: str, device: torch.device, reps: int, zero_stage: int = 0) -> dict:
+def measure_deepspeed(
+    name: str, device: torch.device, reps: int, zero_stage: int = 1, mode: str = "deepspeed"
+) -> dict:
     """A whole training step (forward, backward, loss scaling, Adam) through the
     trainer's DeepSpeed engine, compiled, without Ray: what DeepSpeed adds to the bare
-    step, and where (its own host syncs included)."""
+    step, and where (its own host syncs included). ``mode`` ``deepspeed-cudagraphs``
+    replays the compiled blocks as CUDA graphs (``model.compile: cudagraphs``)."""
     cpu = device.type == "cpu"
     model = build(name, "sparse", device, torch.float32)
+    graphs = mode == "deepspeed-cudagraphs"
     if zero_stage < 3:  # ZeRO 3's parameter hooks and compiled blocks do not mix
-        model.compile_blocks()
+        model.compile_blocks(mode="reduce-overhead" if graphs else "default")
     engine = _deepspeed_engine(name, model, cpu, zero_stage)
     cfg = model.config
     batch = torch.randint(0, cfg.vocab_size, (CONFIGS[name]["batch"], cfg.n_ctx), device=device)
     targets = batch.roll(-1, dims=1)
 
     def step() -> None:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         _, loss = engine(batch, targets)
         engine.backward(loss)
         engine.step()
 
-    row = _timed_row(name, "sparse", "deepspeed", model, step, device, reps)
+    row = _timed_row(name, "sparse", mode, model, step, device, reps)
     return {**row, "zero_stage": zero_stage}
 
 
-def ray_deepspeed(name: str, steps: int, work: Path, cpu: bool) -> dict:
+def ray_deepspeed(name: str, steps: int, work: Path, cpu: bool, zero_stage: int = 1) -> dict:
     """The same config trained through Ray Train + DeepSpeed (compiled), tokens/s from
     the run's own metrics (the first log window, which compiles, left out)."""
     from sparse_transformer.benchmarks.train_gpu import bench, bench_overrides, repo_text_dataset
@@ -257,10 +263,11 @@ def ray_deepspeed(name: str, steps: int, work: Path, cpu: bool) -> dict:
         "auto",
         precision="fp32" if cpu else "fp16",
         use_gpu=not cpu,
+        zero_stage=zero_stage,
     )
     overrides.append("model.compile=true")
     res = bench(name, overrides)
-    res["attention"], res["mode"] = "sparse", "ray-deepspeed"
+    res["attention"], res["mode"], res["zero_stage"] = "sparse", "ray-deepspeed", zero_stage
     return res
 
 
@@ -281,6 +288,8 @@ def plan(configs: list[str], ray_configs: list[str], cpu: bool) -> list[tuple]:
     rows = [row for name in first for row in bare(name)]
     rows += [("ray", name, "sparse", "ray-deepspeed", {}) for name in ray_configs]
     rows += [("deepspeed", name, "sparse", "deepspeed", {}) for name in ray_configs]
+    if "cifar10" in ray_configs and not cpu:  # CUDA graphs inside DeepSpeed's step
+        rows.append(("deepspeed", "cifar10", "sparse", "deepspeed-cudagraphs", {}))
     rows += [row for name in configs if name not in first for row in bare(name)]
     for name in ("music-1m", "enwik8"):  # what recomputation saves, and costs
         if name in configs:
@@ -296,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="timed steps per row (median kept)")
     p.add_argument("--ray-configs", default="enwik8,cifar10", help="'' to skip Ray Train")
     p.add_argument("--ray-steps", type=int, default=60)
-    p.add_argument("--zero-stage", type=int, default=0, help="ZeRO stage of the deepspeed rows")
+    p.add_argument(
+        "--zero-stage", type=int, default=1, help="ZeRO stage of the DeepSpeed and Ray rows"
+    )
     p.add_argument("--modes", default="", help="only rows of these modes (eager,compiled,...)")
     p.add_argument("--budget-s", type=float, default=500, help="skip rows after this long")
     p.add_argument("--json", default="benchmarks/results/train_step.json")
@@ -332,9 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "bare":
                 row = measure(name, attention, mode, device, dtype, args.reps, **changes)
             elif kind == "deepspeed":
-                row = measure_deepspeed(name, device, args.reps, args.zero_stage)
+                row = measure_deepspeed(name, device, args.reps, args.zero_stage, mode)
             else:
-                row = ray_deepspeed(name, args.ray_steps, work, args.cpu_smoke)
+                row = ray_deepspeed(name, args.ray_steps, work, args.cpu_smoke, args.zero_stage)
         except Exception as err:  # noqa: BLE001 - a failed row is a result too
             row = {"config": name, "attention": attention, "mode": mode, "error": repr(err)[:500]}
         log(json.dumps(row))
