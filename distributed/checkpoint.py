@@ -98,6 +98,54 @@ def save_rank_state(directory: str | os.PathLike[str], rank: int, state: dict[st
     torch.save(state, path / f"rank{rank}.pt")
 
 
+def make_meta(
+    *,
+    step: int,
+    world_size: int,
+    zero_stage: int,
+    precision: str,
+    model: dict[str, Any],
+    data_url: str,
+) -> dict[str, Any]:
+    """``meta.json``'s record (:func:`verify_complete` and the loaders read it back)."""
+    return {
+        "step": step,
+        "world_size": world_size,
+        "zero_stage": zero_stage,
+        "precision": precision,
+        "model": model,
+        "data_url": data_url,
+    }
+
+
+def write(
+    directory: str | os.PathLike[str],
+    rank: int,
+    *,
+    save_engine: Callable[[str], None],
+    rank_state: dict[str, Any],
+    meta: dict[str, Any] | None = None,
+    config_yaml: str | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write rank ``rank``'s part of one checkpoint into ``directory``, in the layout the
+    module docstring describes, the commit marker last.
+
+    ``save_engine(directory)`` writes DeepSpeed's ``ds/`` (every rank calls it: it is
+    collective). Rank 0 passes ``meta`` (:func:`make_meta`), the redacted ``config_yaml``
+    and, below ZeRO 3, the consolidated fp32 ``model_state``.
+    """
+    save_engine(str(directory))
+    save_rank_state(directory, rank, rank_state)
+    if meta is not None:
+        if config_yaml is not None:
+            Path(directory, CONFIG_FILE).write_text(config_yaml)
+        if model_state is not None:
+            torch.save(model_state, Path(directory, MODEL_FILE))
+        Path(directory, META_FILE).write_text(json.dumps(meta, indent=1))
+    write_commit(directory, rank, rank_state["step"], rank_state["world_size"])
+
+
 def load_rank_state(directory: str | os.PathLike[str], rank: int) -> dict[str, Any]:
     """Rank ``rank``'s state, or rank 0's when the world shrank (elastic restart)."""
     path = Path(directory, STATE_DIR, f"rank{rank}.pt")

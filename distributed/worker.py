@@ -373,45 +373,47 @@ def _train(loop_config: dict[str, Any]) -> None:
         window = torch.stack([win_loss, win_loss.new_tensor(win_samples)])
         return collectives.all_reduce(window).tolist()  # the one read of the window
 
+    def rank0_files(step: int) -> dict[str, Any]:
+        """What only rank 0 writes: meta.json, the redacted config, the fp32 model."""
+        model_state = None
+        if t.zero_stage < 3:
+            model_state = {
+                k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()
+            }
+        meta = ckpt_io.make_meta(
+            step=step,
+            world_size=world,
+            zero_stage=t.zero_stage,
+            precision=precision,
+            model=cfg.model.to_dict(),
+            data_url=url,
+        )
+        return {"meta": meta, "config_yaml": dump_yaml(cfg), "model_state": model_state}
+
     def save(step: int, metrics: dict[str, Any]) -> None:
         # the checkpoint carries the open window: a resumed run reports the loss an
         # uninterrupted one does, on any world size (rank 0 carries it on)
         window = window_over_ranks()
         tmp = tempfile.mkdtemp(prefix=f"st-ckpt-{step:08d}-r{rank}-")
         try:
-            engine.save_checkpoint(tmp, tag=ckpt_io.DS_TAG, client_state={"step": step})
-            rng_cuda = torch.cuda.get_rng_state(device) if on_gpu else None
-            ckpt_io.save_rank_state(
+            ckpt_io.write(
                 tmp,
                 rank,
-                {
+                save_engine=lambda d: engine.save_checkpoint(
+                    d, tag=ckpt_io.DS_TAG, client_state={"step": step}
+                ),
+                rank_state={
                     "step": step,
                     "rank": rank,
                     "world_size": world,
                     "data": train_ds.state_dict(),
                     "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": rng_cuda,
+                    "rng_cuda": torch.cuda.get_rng_state(device) if on_gpu else None,
                     "skipped_nonfinite": skipped_nonfinite,
                     "loss_window": window,
                 },
+                **(rank0_files(step) if rank == 0 else {}),
             )
-            if rank == 0:
-                Path(tmp, ckpt_io.CONFIG_FILE).write_text(dump_yaml(cfg))
-                if t.zero_stage < 3:
-                    sd = {
-                        k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()
-                    }
-                    torch.save(sd, Path(tmp, ckpt_io.MODEL_FILE))
-                meta = {
-                    "step": step,
-                    "world_size": world,
-                    "zero_stage": t.zero_stage,
-                    "precision": precision,
-                    "model": cfg.model.to_dict(),
-                    "data_url": url,
-                }
-                Path(tmp, ckpt_io.META_FILE).write_text(json.dumps(meta, indent=1))
-            ckpt_io.write_commit(tmp, rank, step, world)  # last: the commit marker
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparse_transformer.distributed.checkpoint import (
     COMMIT_DIR,
@@ -106,3 +107,35 @@ def test_commit_markers_record_each_files_size_and_hash(tmp_path: Path) -> None:
     # a marker written before sizes were recorded lists no files: nothing to compare
     (ckpt / COMMIT_DIR / "rank0.json").write_text(json.dumps({"step": 3, "world_size": 1}))
     verify_contents(ckpt)
+
+
+def test_the_checkpointer_writes_the_format_it_reads(tmp_path: Path) -> None:
+    """``checkpoint.write`` lays one checkpoint out as the module documents it: every
+    rank's DeepSpeed part and state, rank 0's meta, config and model, the commit markers
+    last; it is complete only once every rank of the world has written its part."""
+    from sparse_transformer.distributed import checkpoint as ckpt
+
+    def save_engine(rank: int):
+        def save(directory: str) -> None:
+            Path(directory, ckpt.DS_TAG).mkdir(exist_ok=True)
+            Path(directory, ckpt.DS_TAG, f"shard{rank}.pt").write_bytes(b"x" * (rank + 1))
+
+        return save
+
+    meta = ckpt.make_meta(step=8, world_size=2, zero_stage=1, precision="fp32",
+                          model={"n_layers": 1}, data_url="file:///d")  # fmt: skip
+    model_state = {"w": torch.ones(2)}
+    for rank in (0, 1):
+        extra = {"meta": meta, "config_yaml": "run: {}\n", "model_state": model_state}
+        ckpt.write(
+            tmp_path, rank, save_engine=save_engine(rank),
+            rank_state={"step": 8, "world_size": 2, "rank": rank},
+            **(extra if rank == 0 else {}),
+        )  # fmt: skip
+        if rank == 0:  # one rank of two: not complete yet
+            with pytest.raises(ckpt.IncompleteCheckpointError):
+                ckpt.verify_complete(tmp_path)
+    assert ckpt.verify_complete(tmp_path) == meta
+    assert ckpt.load_rank_state(tmp_path, 1) == {"step": 8, "world_size": 2, "rank": 1}
+    assert torch.equal(ckpt.consolidated_state_dict(tmp_path)["w"], torch.ones(2))
+    assert (tmp_path / ckpt.CONFIG_FILE).read_text() == "run: {}\n"
