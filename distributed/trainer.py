@@ -100,28 +100,25 @@ def ray_environment() -> dict[str, str]:
 
 
 def storage_filesystem(cfg: Config) -> tuple[Any, str]:
-    """(pyarrow filesystem or None, path) for Ray's RunConfig."""
+    """(pyarrow filesystem or None, path) for Ray's RunConfig: a remote run folder goes
+    through the same fsspec filesystem the data and checkpoint readers use (s3fs, gcsfs,
+    ...), wrapped for pyarrow (``PyFileSystem(FSSpecHandler(fs))``): one storage stack,
+    one set of options and retries (``run.storage_options``)."""
     sp = cfg.run.storage_path
     if not is_remote(sp):
         return None, local_path(sp)
-    if not sp.startswith("s3://"):
-        return None, sp  # gs:// and others: Ray resolves them through pyarrow
+    import fsspec
     import pyarrow.fs as pafs
+    from fsspec.core import split_protocol
 
-    o = cfg.run.storage_options
-    endpoint = str(o.get("endpoint_url", o.get("endpoint_override", "")))
-    kwargs: dict[str, Any] = {}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs["endpoint_override"] = host or scheme
-        kwargs["scheme"] = scheme if host else "https"
-    for src, dst in (("key", "access_key"), ("secret", "secret_key"), ("region", "region")):
-        if o.get(src):
-            kwargs[dst] = str(o[src])
-    # Fail fast on an unreachable endpoint (the driver probes it before training).
-    kwargs["connect_timeout"] = 5.0
-    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=3)
-    return pafs.S3FileSystem(**kwargs), sp[len("s3://") :]
+    protocol, path = split_protocol(sp)
+    options = storage_fsspec_options(cfg)
+    if protocol == "s3":  # fail fast on an unreachable endpoint (the driver probes it)
+        client = options.setdefault("config_kwargs", {})
+        client.setdefault("connect_timeout", 5)
+        client.setdefault("retries", {"max_attempts": 3})
+    fs = fsspec.filesystem(protocol, **options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def storage_fsspec_options(cfg: Config) -> dict[str, Any]:

@@ -214,7 +214,9 @@ def test_ray_configs_from_the_tree(tmp_path: Path) -> None:
         ],
     )
     fs, path = storage_filesystem(s3)
-    assert path == "bucket/runs" and type(fs).__name__ == "S3FileSystem"
+    s3fs = fs.handler.fs  # pyarrow over the same fsspec filesystem the readers use
+    assert path == "bucket/runs" and type(s3fs).__name__ == "S3FileSystem"
+    assert s3fs.client_kwargs.get("endpoint_url", s3fs.endpoint_url) == "http://127.0.0.1:8333"
 
 
 def test_config_round_trips() -> None:
