@@ -24,6 +24,7 @@ from typing import Any
 
 from sparse_transformer import configs
 from sparse_transformer.ops import BACKENDS, HEAD_MODES, PATTERN_KINDS, Pattern, pattern_for_layer
+from sparse_transformer.ops.patterns import HeadMode, PatternKind
 
 RECOMPUTE_POLICIES: tuple[str, ...] = ("none", "attention", "block")
 """Activation recomputation per residual block: nothing, the attention branch
@@ -60,13 +61,13 @@ class SparseTransformerConfig:
     vocab_size: int = 256
     n_ctx: int = 1024
     """n, the context length (the longest sequence the model accepts)."""
-    pattern: str = "fixed"
+    pattern: PatternKind = "fixed"
     """Attention pattern kind: dense, local, strided or fixed (``ops.PATTERN_KINDS``)."""
     stride: int = 32
     """l: the stride (strided), the chunk length (fixed) or the window (local)."""
     summary: int = 8
     """c: the width of the fixed pattern's summary cells."""
-    head_mode: str = "merged"
+    head_mode: HeadMode = "merged"
     """How heads use the two components: interleaved, merged or multihead."""
     distinct_summary: bool = True
     """Fixed A2: each head reads its own length-c sub-block of every chunk."""
@@ -230,8 +231,8 @@ class SparseTransformerConfig:
     def pattern_for(self, layer: int) -> Pattern:
         """The attention pattern of residual block ``layer`` (0-based)."""
         return pattern_for_layer(
-            self.pattern,  # type: ignore[arg-type]
-            mode=self.head_mode,  # type: ignore[arg-type]
+            self.pattern,
+            mode=self.head_mode,
             layer=layer,
             n_heads=self.n_heads,
             stride=self.stride if self.pattern != "dense" else 0,
