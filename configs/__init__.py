@@ -2,7 +2,7 @@
 
 A ``--config`` argument, a ``load_model_config`` argument or ``submit --config`` is a
 path when it is a ``Path``, contains ``/`` or ends in ``.yaml`` / ``.yml``; otherwise it
-is the name of a file here. Standard library only (``submit`` runs without torch).
+is the name of a file here. Standard library only.
 """
 
 from __future__ import annotations

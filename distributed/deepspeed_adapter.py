@@ -21,9 +21,6 @@ from typing import Any
 
 import torch
 
-PRIVATE_ATTRIBUTES = ("engine.skipped_steps", "engine.optimizer.loss_scale")
-"""The undocumented attributes this module reads (see the module docstring)."""
-
 
 def initialize(model: torch.nn.Module, ds_config: dict[str, Any]) -> tuple[Any, Any]:
     """(engine, LR scheduler or None) for ``model`` under DeepSpeed's JSON ``ds_config``."""
@@ -85,7 +82,6 @@ def skipped_steps(engine: Any) -> int:
 
 
 __all__ = [
-    "PRIVATE_ATTRIBUTES",
     "grad_norm",
     "initialize",
     "loss_scale",

@@ -12,7 +12,7 @@ A mapping value is masked (``"***"``) when its key names a credential:
 Strings are scanned as free text: ``user:password@`` in URLs, ``key=value`` /
 ``"key": "value"`` pairs and ``--flag VALUE`` whose names are strong. Objects with a
 ``to_dict()`` (the trainer's ``Config``) and dataclasses are redacted as dicts.
-Standard library only: ``submit`` uses it on machines without torch.
+Standard library only.
 """
 
 from __future__ import annotations

@@ -382,7 +382,7 @@ def _submit(args: argparse.Namespace) -> int:
         # A job's driver joins the cluster it runs on (configs may say `local`,
         # which would start a private Ray inside the job).
         cmd.append("run.ray_address=auto")
-    cmd += overrides + _absolute_paths(config_path or config_arg, overrides)
+    cmd += overrides + _absolute_paths(config_path, overrides)
     job_client, job_id, entrypoint, runtime_env = submit_job(
         cmd,
         address=address,

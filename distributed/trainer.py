@@ -101,23 +101,17 @@ def ray_environment() -> dict[str, str]:
 
 def storage_filesystem(cfg: Config) -> tuple[Any, str]:
     """(pyarrow filesystem or None, path) for Ray's RunConfig: a remote run folder goes
-    through the same fsspec filesystem the data and checkpoint readers use (s3fs, gcsfs,
-    ...), wrapped for pyarrow (``PyFileSystem(FSSpecHandler(fs))``): one storage stack,
-    one set of options and retries (``run.storage_options``)."""
+    through the filesystem the data and checkpoint readers use (``data.storage``: s3fs,
+    gcsfs, ... with the same S3 defaults), wrapped for pyarrow
+    (``PyFileSystem(FSSpecHandler(fs))``): one storage stack (``run.storage_options``)."""
     sp = cfg.run.storage_path
     if not is_remote(sp):
         return None, local_path(sp)
-    import fsspec
     import pyarrow.fs as pafs
-    from fsspec.core import split_protocol
 
-    protocol, path = split_protocol(sp)
-    options = storage_fsspec_options(cfg)
-    if protocol == "s3":  # fail fast on an unreachable endpoint (the driver probes it)
-        client = options.setdefault("config_kwargs", {})
-        client.setdefault("connect_timeout", 5)
-        client.setdefault("retries", {"max_attempts": 3})
-    fs = fsspec.filesystem(protocol, **options)
+    from sparse_transformer.data.storage import filesystem
+
+    fs, path = filesystem(sp, storage_fsspec_options(cfg))
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
@@ -136,15 +130,11 @@ def check_storage(cfg: Config) -> None:
     shown = redact_url(cfg.run.storage_path)
     probe = f"{path.rstrip('/')}/{cfg.run.name}/.probe-{uuid.uuid4().hex[:8]}"
     try:
-        if fs is None and not is_remote(cfg.run.storage_path):
+        if fs is None:  # a local folder
             Path(probe).parent.mkdir(parents=True, exist_ok=True)
             Path(probe).write_text("ok")
             Path(probe).unlink()
             return
-        if fs is None:
-            import pyarrow.fs as pafs
-
-            fs, probe = pafs.FileSystem.from_uri(f"{cfg.run.storage_path.rstrip('/')}/{probe}")
         with fs.open_output_stream(probe) as f:
             f.write(b"ok")
         fs.delete_file(probe)

@@ -130,8 +130,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    if "private" in loop_config:  # the config and storage options, kept out of the dashboard
-        loop_config = {**loop_config, **ray.get(loop_config["private"])}
+    # the config and storage options travel in the object store, kept out of the dashboard
+    loop_config = {**loop_config, **ray.get(loop_config["private"])}
     for key, value in loop_config.get("worker_env", {}).items():
         os.environ.setdefault(key, value)  # before DeepSpeed looks for its op cache
     try:
@@ -219,7 +219,6 @@ def _train(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from sparse_transformer.data import StreamingDataset
-    from sparse_transformer.model import nats_to_bits
 
     cfg = Config.from_dict(loop_config["config"])
     t, d = cfg.train, cfg.data
@@ -450,7 +449,7 @@ def _train(loop_config: dict[str, Any]) -> None:
     last_val: float | None = None
     stopper = StopWatcher(loop_config.get("stop_flag"), world, device)
     engine.train()
-    first_step = True
+    start = step
     while step < t.steps:
         maybe_fault(step)
         t0 = time.perf_counter()
@@ -485,10 +484,8 @@ def _train(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 console.info(f"[train] step {step + 1}: non-finite gradients, step skipped")
         step += 1
-        if first_step:
-            first_step = False
-            if rank == 0:
-                _report_first_step(console, device, t0, compile_mode is not None)
+        if step == start + 1 and rank == 0:
+            _report_first_step(console, device, t0, compile_mode is not None)
         win_wait += wait
         win_steps += 1
         stopping = step < t.steps and stopper.should_stop()  # the same on every rank
@@ -501,7 +498,7 @@ def _train(loop_config: dict[str, Any]) -> None:
             tokens = win_steps * d.global_batch_size * cfg.seq_len
             metrics = {
                 "step": step,
-                "loss_bits": float(nats_to_bits(nats / count)),
+                "loss_bits": evaluation.bits_per_token([nats, count]),
                 "learning_rate": float(scheduler.get_last_lr()[0]) if scheduler else t.lr,
                 "loss_scale": ds.loss_scale(engine, precision),
                 "skipped_steps": ds.skipped_steps(engine) + skipped_nonfinite,
