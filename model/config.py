@@ -5,8 +5,12 @@
 multipliers, the attention pattern (kind, stride l, summary width c, how heads
 combine the two components), the block sizes handed to the layout compiler, the
 embedding structure, dropout and the activation-recomputation policy. It is
-validated on construction; every error message starts with the offending
-field's name (``SparseTransformerConfig.d_model: ...``).
+validated on construction: each field against its annotation by the project's one
+config validator (``configs.schema``: types, ``Literal`` choices, bounds), then the
+rules between fields (widths divisible by the heads, the context by the stride, ...)
+as the small checks below. Every error message starts with the offending field's
+name (``SparseTransformerConfig.d_model: ...``) and is a ``configs.schema.ConfigError``
+(a ``ValueError``).
 
 Named configurations live in ``configs/NAME.yaml`` (shipped as package data).
 Each file has a top-level ``model:`` mapping with these fields; other top-level
@@ -17,101 +21,121 @@ here. :func:`load_model_config` accepts a bare name (``"enwik8"``) or a path.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, NoReturn
 
 from sparse_transformer import configs
-from sparse_transformer.ops import BACKENDS, HEAD_MODES, PATTERN_KINDS, Pattern, pattern_for_layer
+from sparse_transformer.configs.schema import Noun, Range, build, check_fields, coerce, fail
+from sparse_transformer.ops import Pattern, pattern_for_layer
 from sparse_transformer.ops.patterns import HeadMode, PatternKind
 
-RECOMPUTE_POLICIES: tuple[str, ...] = ("none", "attention", "block")
+_NAME = "SparseTransformerConfig"
+
+Count = Annotated[int, Range(ge=1)]
+"""A size or a count: an integer >= 1."""
+
+RecomputePolicy = Literal["none", "attention", "block"]
 """Activation recomputation per residual block: nothing, the attention branch
 a(H) only, or the whole block (non-reentrant ``torch.utils.checkpoint``)."""
 
+RECOMPUTE_POLICIES: tuple[str, ...] = typing.get_args(RecomputePolicy)
 
-def _fail(name: str, message: str) -> None:
-    raise ValueError(f"SparseTransformerConfig.{name}: {message}")
+AttentionBackend = Literal["auto", "reference", "torch", "flex", "triton", "sdpa"]
+"""The backends of ``ops.sparse_attention`` (``ops.BACKENDS``, the same names)."""
 
-
-def _check_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(name, f"must be an integer >= {minimum}, got {value!r}")
+_Policy = Annotated[RecomputePolicy, Noun("policy")]
 
 
-def _check_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(name, f"must be a finite number, got {value!r}")
+def _fail(name: str, message: str) -> NoReturn:
+    fail(f"{_NAME}.{name}", message)
 
 
 @dataclass(frozen=True)
 class SparseTransformerConfig:
     """Every architectural choice of one Sparse Transformer (validated on construction)."""
 
-    n_layers: int = 4
+    n_layers: Count = 4
     """N, the number of residual blocks."""
-    d_model: int = 128
+    d_model: Count = 128
     """d, the width of the residual stream."""
-    n_heads: int = 4
+    n_heads: Count = 4
     ff_mult: float = 4.0
     """Width of W1 relative to d: 4, or 2 for the paper's half-size models."""
     qk_mult: float = 1.0
     """Width of the q and k projections relative to d: 1, or 0.5 for half-size models."""
-    vocab_size: int = 256
-    n_ctx: int = 1024
+    vocab_size: Count = 256
+    n_ctx: Count = 1024
     """n, the context length (the longest sequence the model accepts)."""
-    pattern: PatternKind = "fixed"
+    pattern: Annotated[PatternKind, Noun("pattern")] = "fixed"
     """Attention pattern kind: dense, local, strided or fixed (``ops.PATTERN_KINDS``)."""
     stride: int = 32
-    """l: the stride (strided), the chunk length (fixed) or the window (local)."""
+    """l: the stride (strided), the chunk length (fixed) or the window (local); >= 1
+    unless the pattern is dense."""
     summary: int = 8
-    """c: the width of the fixed pattern's summary cells."""
-    head_mode: HeadMode = "merged"
+    """c: the width of the fixed pattern's summary cells (>= 1 for fixed)."""
+    head_mode: Annotated[HeadMode, Noun("mode")] = "merged"
     """How heads use the two components: interleaved, merged or multihead."""
     distinct_summary: bool = True
     """Fixed A2: each head reads its own length-c sub-block of every chunk."""
     permute: bool = True
     """Strided A2-only heads run in the transposed order (section 5.5)."""
-    block_q: int = 64
-    block_k: int = 64
+    block_q: Count = 64
+    block_k: Count = 64
     """Query/key block sizes of the block-sparse layout (``ops.compile_layout``)."""
-    embed_shape: tuple[int, ...] = ()
+    embed_shape: tuple[Count, ...] = ()
     """The data's structure, one learned position embedding per coordinate: (32, 32, 3)
     for CIFAR-10 rows/columns/channels, (n / l, l) for text and audio. Its product
-    must be n_ctx. Empty: (n / l, l) for strided/fixed, (n,) otherwise."""
-    dropout: float = 0.0
+    must be n_ctx. Empty (or None): (n / l, l) for strided/fixed, (n,) otherwise."""
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Dropout at the end of each residual branch (and nowhere else)."""
-    recompute: str | tuple[str, ...] = "none"
+    recompute: _Policy | tuple[_Policy, ...] = "none"
     """Recomputation policy: one of RECOMPUTE_POLICIES for every block, or one per block."""
-    attention_backend: str = "auto"
+    attention_backend: Annotated[AttentionBackend, Noun("backend")] = "auto"
     """Backend of ``ops.sparse_attention``: auto, reference, torch, flex, triton, or sdpa
     (PyTorch's fused dense kernels; dense patterns only)."""
-    compile: bool | str = "auto"
+    compile: bool | Literal["auto", "cudagraphs"] = "auto"
     """``torch.compile`` the residual blocks (``SparseTransformer.compile_blocks``) in
     training: true, false, auto (on CUDA GPUs), or cudagraphs (compiled, and replayed as
     CUDA graphs: ``mode="reduce-overhead"``, for thin, deep, launch-bound models). Read by
     the trainer; the model builds eager either way."""
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__  # frozen dataclass: normalise in place
-        for name in ("n_layers", "d_model", "n_heads", "vocab_size", "n_ctx"):
-            _check_int(name, getattr(self, name))
-        _check_int("block_q", self.block_q)
-        _check_int("block_k", self.block_k)
+        if self.embed_shape is None:  # YAML's null: derived, like ()
+            object.__setattr__(self, "embed_shape", ())
+        check_fields(self, _NAME)  # types, choices and bounds, normalised in place
+        self._check_widths()
+        self._check_pattern()
+        self._derive_embed_shape()
+        if not isinstance(self.recompute, str) and len(self.recompute) != self.n_layers:
+            _fail(
+                "recompute",
+                f"a per-block list needs n_layers = {self.n_layers} entries, "
+                f"got {len(self.recompute)}",
+            )
+        if self.attention_backend == "sdpa" and self.pattern != "dense":
+            _fail(
+                "attention_backend",
+                f"sdpa runs dense causal attention only; pattern is {self.pattern!r}",
+            )
+        self._check_ops_patterns()
+
+    # -- rules between fields ------------------------------------------------------------
+    def _check_widths(self) -> None:
+        """The vocabulary, and every width a whole number divisible by the heads."""
         if self.vocab_size < 2:
             _fail("vocab_size", f"must be at least 2, got {self.vocab_size}")
         if self.d_model % self.n_heads:
             _fail("d_model", f"{self.d_model} is not divisible by n_heads = {self.n_heads}")
         for name in ("ff_mult", "qk_mult"):
             value = getattr(self, name)
-            _check_number(name, value)
             if value <= 0:
                 _fail(name, f"must be positive, got {value!r}")
             width = self.d_model * value
             if abs(width - round(width)) > 1e-9:
                 _fail(name, f"d_model * {name} = {width} is not an integer")
-            set_(self, name, float(value))
         if self.d_qk % self.n_heads:
             _fail(
                 "qk_mult",
@@ -119,14 +143,12 @@ class SparseTransformerConfig:
                 f"n_heads = {self.n_heads}",
             )
 
-        if self.pattern not in PATTERN_KINDS:
-            _fail("pattern", f"unknown pattern {self.pattern!r}; expected one of {PATTERN_KINDS}")
-        if self.head_mode not in HEAD_MODES:
-            _fail("head_mode", f"unknown mode {self.head_mode!r}; expected one of {HEAD_MODES}")
+    def _check_pattern(self) -> None:
+        """The stride and summary the pattern uses, and heads enough for multihead."""
         if self.pattern != "dense":
-            _check_int("stride", self.stride)
+            coerce(f"{_NAME}.stride", Count, self.stride)
         if self.pattern == "fixed":
-            _check_int("summary", self.summary)
+            coerce(f"{_NAME}.summary", Count, self.summary)
             if self.summary > self.stride:
                 _fail("summary", f"c = {self.summary} exceeds the chunk length l = {self.stride}")
         if (
@@ -135,12 +157,11 @@ class SparseTransformerConfig:
             and self.n_heads < 2
         ):
             _fail("head_mode", "multihead needs n_heads >= 2 (one head per component)")
-        for name in ("distinct_summary", "permute"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(name, f"must be a bool, got {getattr(self, name)!r}")
 
+    def _derive_embed_shape(self) -> None:
+        """The default structure where none is given; its product must be the context."""
         shape = self.embed_shape
-        if shape is None or (isinstance(shape, Sequence) and len(shape) == 0):
+        if not shape:
             if self.pattern in ("strided", "fixed"):
                 if self.n_ctx % self.stride:
                     _fail(
@@ -151,56 +172,16 @@ class SparseTransformerConfig:
                 shape = (self.n_ctx // self.stride, self.stride)
             else:
                 shape = (self.n_ctx,)
-        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
-            _fail("embed_shape", f"must be a sequence of positive integers, got {shape!r}")
-        shape = tuple(shape)
-        for s in shape:
-            if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-                _fail("embed_shape", f"must hold positive integers, got {shape!r}")
         if math.prod(shape) != self.n_ctx:
             _fail(
                 "embed_shape",
                 f"{shape} has {math.prod(shape)} positions but n_ctx = {self.n_ctx}; "
                 "the structure's product must equal the context",
             )
-        set_(self, "embed_shape", shape)
+        object.__setattr__(self, "embed_shape", shape)
 
-        _check_number("dropout", self.dropout)
-        if not 0.0 <= self.dropout < 1.0:
-            _fail("dropout", f"must be in [0, 1), got {self.dropout!r}")
-        set_(self, "dropout", float(self.dropout))
-
-        rec = self.recompute
-        if isinstance(rec, str):
-            if rec not in RECOMPUTE_POLICIES:
-                _fail("recompute", f"unknown policy {rec!r}; expected one of {RECOMPUTE_POLICIES}")
-        elif isinstance(rec, Sequence):
-            rec = tuple(rec)
-            if len(rec) != self.n_layers:
-                _fail(
-                    "recompute",
-                    f"a per-block list needs n_layers = {self.n_layers} entries, got {len(rec)}",
-                )
-            bad = [r for r in rec if r not in RECOMPUTE_POLICIES]
-            if bad:
-                _fail("recompute", f"unknown policy {bad[0]!r}; expected {RECOMPUTE_POLICIES}")
-            set_(self, "recompute", rec)
-        else:
-            _fail("recompute", f"must be a policy name or a list of them, got {rec!r}")
-
-        if self.attention_backend not in BACKENDS:
-            _fail(
-                "attention_backend",
-                f"unknown backend {self.attention_backend!r}; expected one of {BACKENDS}",
-            )
-        if self.attention_backend == "sdpa" and self.pattern != "dense":
-            _fail(
-                "attention_backend",
-                f"sdpa runs dense causal attention only; pattern is {self.pattern!r}",
-            )
-        if not (isinstance(self.compile, bool) or self.compile in ("auto", "cudagraphs")):
-            _fail("compile", f"must be true, false, auto or cudagraphs, got {self.compile!r}")
-        # Let ops validate the patterns too (e.g. multihead with too few heads).
+    def _check_ops_patterns(self) -> None:
+        """Let ops validate the patterns too (e.g. multihead with too few heads)."""
         for layer in range(min(self.n_layers, 2)):
             try:
                 self.pattern_for(layer)
@@ -255,16 +236,7 @@ class SparseTransformerConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SparseTransformerConfig:
         """Build from a plain mapping (e.g. a YAML ``model:`` section); unknown keys fail."""
-        if not isinstance(values, Mapping):
-            raise ValueError(f"SparseTransformerConfig: expected a mapping, got {type(values)}")
-        known = cls.field_names()
-        for key in values:
-            if key not in known:
-                raise ValueError(
-                    f"SparseTransformerConfig.{key}: unknown field; known fields: "
-                    f"{', '.join(known)}"
-                )
-        return cls(**dict(values))
+        return build(cls, values, _NAME)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-safe values (tuples become lists) that ``from_dict`` reads back."""

@@ -4,6 +4,7 @@ their parameter counts against the paper (built on the meta device: no memory)."
 from __future__ import annotations
 
 import math
+import typing
 
 import pytest
 import torch
@@ -15,7 +16,12 @@ from sparse_transformer.model import (
     list_model_configs,
     load_model_config,
 )
-from sparse_transformer.model.config import configs_dir
+from sparse_transformer.model.config import (
+    RECOMPUTE_POLICIES,
+    AttentionBackend,
+    configs_dir,
+)
+from sparse_transformer.ops import BACKENDS
 
 # Child et al. 2019, tables 1 and 4
 PAPER_PARAMS = {
@@ -186,6 +192,15 @@ BAD = [
     (dict(n_heads=1, head_mode="multihead"), "head_mode", "n_heads >= 2"),
     (dict(vocab_size=1), "vocab_size", "at least 2"),
     (dict(block_k=0), "block_k", "integer >= 1"),
+    # each field's type, from its annotation (configs.schema)
+    (dict(n_layers="4"), "n_layers", "expected int, got '4'"),
+    (dict(n_heads=True), "n_heads", "expected int, got True"),
+    (dict(ff_mult=float("nan")), "ff_mult", "expected a finite number"),
+    (dict(distinct_summary=1), "distinct_summary", "expected bool, got 1"),
+    (dict(compile="maybe"), "compile", "must be true, false, auto or cudagraphs"),
+    (dict(recompute=["none", "all", "none", "none"]), r"recompute\[1\]", "unknown policy"),
+    (dict(embed_shape=(32, 0)), r"embed_shape\[1\]", "integer >= 1"),
+    (dict(embed_shape="32x32"), "embed_shape", "expected a list"),
 ]
 
 
@@ -195,6 +210,20 @@ BAD = [
 def test_bad_configurations_fail_at_construction_naming_the_field(overrides, field, message):
     with pytest.raises(ValueError, match=rf"SparseTransformerConfig\.{field}: .*{message}"):
         SparseTransformerConfig(**overrides)
+
+
+def test_values_are_normalised_and_unused_sizes_unchecked():
+    cfg = SparseTransformerConfig(ff_mult=2, embed_shape=[32, 32], recompute=["block"] * 4)
+    assert cfg.ff_mult == 2.0 and isinstance(cfg.ff_mult, float)
+    assert cfg.embed_shape == (32, 32) and cfg.recompute == ("block",) * 4
+    assert SparseTransformerConfig(embed_shape=None).embed_shape == (32, 32)
+    dense = SparseTransformerConfig(pattern="dense", stride=0, summary=0, n_ctx=64)
+    assert dense.embed_shape == (64,)  # the stride and summary of a dense model are unused
+
+
+def test_backend_names_are_the_ops_ones():
+    assert typing.get_args(AttentionBackend) == BACKENDS
+    assert RECOMPUTE_POLICIES == ("none", "attention", "block")
 
 
 def test_derived_widths_and_defaults():
