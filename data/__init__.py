@@ -26,7 +26,8 @@ Public API (see docs/data.md for the details):
   rank=None, world_size=None, shuffle=True, shuffle_window=4, remainder="drop",
   prefetch=2, num_threads=2, batched=False, dtype=torch.int64, verify=True, cache_dir=None,
   cache_limit_bytes=None, storage_options=None, retry=None)`` with ``state_dict()``,
-  ``load_state_dict()``, ``set_epoch()``, ``reset()``, ``loader()``, ``load_shard()``
+  ``load_state_dict()``, ``set_epoch()``, ``reset()``, ``loader()``, ``load_shard()``, and
+  ``epoch_share()`` / ``advance()`` / ``finish_epoch()`` for a loader of one's own
 - ``load_manifest(url, storage_options=None) -> Manifest``; ``check_shards(manifest,
   storage_options=None)``: every listed shard is in storage at its recorded size
 - ``EpochOrder``, ``BatchPlan`` (the order), ``RetryPolicy``, ``ShardCache``,
@@ -42,6 +43,7 @@ _EXPORTS = {
     "prepare": "sparse_transformer.data.preparation",
     "StreamingDataset": "sparse_transformer.data.stream",
     "StreamingLoader": "sparse_transformer.data.stream",
+    "EpochShare": "sparse_transformer.data.stream",
     "resolve_rank": "sparse_transformer.data.stream",
     "Manifest": "sparse_transformer.data.manifest",
     "SplitInfo": "sparse_transformer.data.manifest",

@@ -10,7 +10,10 @@ Exact resumption: the state is the epoch and the number of global samples
 consumed (plus, between batch boundaries, how far into its local batch this
 rank is). ``load_state_dict`` on a fresh dataset, with any world size that
 divides the global batch, continues with exactly the samples not yet consumed,
-in the same global order.
+in the same global order. Reading and counting are apart: ``epoch_share()`` is
+what a pass reads (fixed at the position it starts from), ``advance()`` and
+``finish_epoch()`` move the position as items are handed out; the dataset's own
+iteration and :class:`StreamingLoader` both go through them.
 
 Iteration yields ``torch.int64`` tensors (``dtype`` to change; ``dtype=None``
 yields numpy uint8 arrays): one sample of shape ``(seq_len,)`` at a time, or a
@@ -290,23 +293,12 @@ class StreamingDataset(IterableDataset):
         """Samples per rank per global batch."""
         return self.global_batch_size // self.world_size
 
-    def _plan(self, start: int | None = None) -> BatchPlan:
-        rank, world = self._resolved()
-        return BatchPlan(
-            total=self.num_samples,
-            global_batch_size=self.global_batch_size,
-            rank=rank,
-            world_size=world,
-            start=self._position if start is None else start,
-            remainder=self.remainder,
-        )
-
     def __len__(self) -> int:
         """Items (samples, or batches when ``batched``) left to yield in the current epoch."""
-        plan = self._plan()
+        share = self.epoch_share()
         if self.batched:
-            return plan.num_batches
-        return plan.num_batches * plan.local_batch_size - self._rank_offset
+            return share.num_batches
+        return share.num_batches * share.local_batch_size - share.skip
 
     # ------------------------------------------------------------ state
 
@@ -322,6 +314,45 @@ class StreamingDataset(IterableDataset):
         """Restart the current epoch from its first sample."""
         self._position = 0
         self._rank_offset = 0
+
+    def epoch_share(self) -> EpochShare:
+        """This rank's share of the rest of the current epoch, from the current position.
+
+        The share is fixed when made: reading it moves nothing. Whoever hands its items
+        out records them with :meth:`advance`, and the end of the pass with
+        :meth:`finish_epoch` (``__iter__`` and :class:`StreamingLoader` both do).
+        """
+        rank, world = self._resolved()
+        plan = BatchPlan(
+            total=self.num_samples,
+            global_batch_size=self.global_batch_size,
+            rank=rank,
+            world_size=world,
+            start=self._position,
+            remainder=self.remainder,
+        )
+        return EpochShare(self, self._epoch, plan, self._rank_offset)
+
+    def advance(self, samples: int) -> None:
+        """Count ``samples`` more of this rank's samples as consumed.
+
+        Each completed local batch moves the position on by one global batch; the
+        samples of a local batch not yet completed are the state's ``rank_offset``.
+        """
+        local = self.global_batch_size // self.world_size
+        batches, self._rank_offset = divmod(self._rank_offset + int(samples), local)
+        self._position += batches * self.global_batch_size
+
+    def finish_epoch(self, epoch: int) -> None:
+        """Epoch ``epoch`` was read to its end: the next one starts from its first sample.
+
+        A no-op when the current epoch is no longer ``epoch`` (``set_epoch`` or
+        ``load_state_dict`` moved it during the pass).
+        """
+        if self._epoch == epoch:
+            self._epoch += 1
+            self._position = 0
+            self._rank_offset = 0
 
     def state_dict(self) -> dict[str, Any]:
         """The resumable position: plain ints and strings, for any checkpoint format."""
@@ -444,26 +475,17 @@ class StreamingDataset(IterableDataset):
         return arr[rows]
 
     def _iter_arrays(
-        self,
-        epoch: int,
-        start: int,
-        skip: int,
-        rank: int,
-        world: int,
-        worker: int = 0,
-        num_workers: int = 1,
+        self, share: EpochShare, worker: int, num_workers: int
     ) -> Iterator[np.ndarray]:
-        """Numpy samples (or local batches) of one worker's share, from position ``start``."""
-        plan = BatchPlan(
-            self.num_samples, self.global_batch_size, rank, world, start, self.remainder
-        )
-        batches = [pos for _, pos in plan.worker_batches(worker, num_workers, skip=skip)]
+        """Numpy samples (or local batches) of one worker's part of ``share``."""
+        parts = share.plan.worker_batches(worker, num_workers, skip=share.skip)
+        batches = [pos for _, pos in parts]
         if not batches:
             return
         order = EpochOrder(
             [s.num_samples for s in self._split.shards],
             seed=self.seed,
-            epoch=epoch,
+            epoch=share.epoch,
             shuffle=self.shuffle,
             shuffle_window=self.shuffle_window,
         )
@@ -522,12 +544,11 @@ class StreamingDataset(IterableDataset):
             return torch.from_numpy(arr.astype(np_dtype))
         return torch.from_numpy(arr).to(self.dtype)
 
-    def _generate(self, epoch: int, start: int, skip: int, rank: int, world: int) -> Iterator[Any]:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if num_workers > 1 and skip:
-            raise ValueError("cannot resume mid-batch with DataLoader workers")
-        for arr in self._iter_arrays(epoch, start, skip, rank, world, worker, num_workers):
+    def read_share(self, share: EpochShare, worker: int = 0, num_workers: int = 1) -> Iterator[Any]:
+        """The items of ``share`` that DataLoader worker ``worker`` of ``num_workers`` produces
+        (its local batches ``worker``, ``worker + num_workers``, ...), in order, as the
+        dataset's ``dtype``. Moves no position."""
+        for arr in self._iter_arrays(share, worker, num_workers):
             yield self._to_output(arr)
 
     def __iter__(self) -> Iterator[Any]:
@@ -537,28 +558,16 @@ class StreamingDataset(IterableDataset):
         splits the work among the workers and tracks the position in the
         main process.
         """
-        rank, world = self._resolved()
-        epoch, start, skip = self._epoch, self._position, self._rank_offset
+        share = self.epoch_share()
         if get_worker_info() is not None:
             # Iterated by a plain DataLoader's worker: this copy's state is not the
             # caller's, so only the split of work matters here.
-            yield from self._generate(epoch, start, skip, rank, world)
+            yield from share
             return
-        local = self.global_batch_size // world
-        for item in self._generate(epoch, start, skip, rank, world):
-            if self.batched:
-                self._position += self.global_batch_size
-                self._rank_offset = 0
-            else:
-                self._rank_offset += 1
-                if self._rank_offset == local:
-                    self._position += self.global_batch_size
-                    self._rank_offset = 0
+        for item in share:
+            self.advance(len(item) if self.batched else 1)
             yield item
-        if self._epoch == epoch:
-            self._epoch += 1
-            self._position = 0
-            self._rank_offset = 0
+        self.finish_epoch(share.epoch)
 
     def loader(
         self,
@@ -579,15 +588,36 @@ class StreamingDataset(IterableDataset):
         )
 
 
-class _EpochView(IterableDataset):
-    """What a DataLoader iterates for :class:`StreamingLoader`: a fixed starting point."""
+class EpochShare(IterableDataset):
+    """One rank's share of the rest of an epoch, fixed where it starts (see
+    :meth:`StreamingDataset.epoch_share`).
 
-    def __init__(self, ds: StreamingDataset, epoch: int, start: int, rank: int, world: int):
+    Iterating it yields the dataset's items and moves no position; inside a DataLoader
+    worker it yields that worker's part, so a DataLoader over it (which pickles it to
+    its workers) hands the items out in order. ``skip`` samples of the first local
+    batch were consumed before the share was made.
+    """
+
+    def __init__(self, dataset: StreamingDataset, epoch: int, plan: BatchPlan, skip: int) -> None:
         super().__init__()
-        self.ds, self.epoch, self.start, self.rank, self.world = ds, epoch, start, rank, world
+        self.dataset, self.epoch, self.plan, self.skip = dataset, epoch, plan, skip
+
+    @property
+    def local_batch_size(self) -> int:
+        """Samples per rank per global batch."""
+        return self.plan.local_batch_size
+
+    @property
+    def num_batches(self) -> int:
+        """Global batches from the share's start to the end of the epoch."""
+        return self.plan.num_batches
 
     def __iter__(self) -> Iterator[Any]:
-        return self.ds._generate(self.epoch, self.start, 0, self.rank, self.world)  # noqa: SLF001
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num_workers > 1 and self.skip:
+            raise ValueError("cannot resume mid-batch with DataLoader workers")
+        yield from self.dataset.read_share(self, worker, num_workers)
 
 
 class StreamingLoader:
@@ -611,7 +641,7 @@ class StreamingLoader:
         self.dataloader_kwargs = kwargs
 
     def __len__(self) -> int:
-        return self.dataset._plan().num_batches  # noqa: SLF001
+        return self.dataset.epoch_share().num_batches
 
     def state_dict(self) -> dict[str, Any]:
         """The dataset's resumable position."""
@@ -627,19 +657,14 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[Any]:
         ds = self.dataset
-        if ds._rank_offset:  # noqa: SLF001
+        share = ds.epoch_share()
+        if share.skip:
             raise ValueError(
                 "the dataset is in the middle of a local batch (sample-wise iteration); "
                 "a loader resumes only at batch boundaries"
             )
-        rank, world = ds._resolved()  # noqa: SLF001
-        epoch, start = ds.epoch, ds.position
-        view = _EpochView(ds, epoch, start, rank, world)
-        batch_size = None if ds.batched else ds.global_batch_size // world
-        loader = DataLoader(view, batch_size=batch_size, **self.dataloader_kwargs)
-        for batch in loader:
-            ds._position += ds.global_batch_size  # noqa: SLF001
+        batch_size = None if ds.batched else share.local_batch_size
+        for batch in DataLoader(share, batch_size=batch_size, **self.dataloader_kwargs):
+            ds.advance(share.local_batch_size)
             yield batch
-        if ds.epoch == epoch:
-            ds._epoch += 1  # noqa: SLF001
-            ds._position = 0  # noqa: SLF001
+        ds.finish_epoch(share.epoch)
