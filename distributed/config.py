@@ -11,11 +11,13 @@ A run is described by a YAML file with five sections::
 :func:`load_config` reads a packaged name (``configs/NAME.yaml``) or a path and
 applies ``key=value`` overrides (dotted paths, typed by the dataclass field, e.g.
 ``train.lr=3e-4 scaling.num_workers=2 model.n_layers=2``). Every value is checked
-against its field's type and every cross-field constraint (batch divisibility,
-sequence length versus context, precision versus device) is checked here, so a
-bad config fails on the driver naming the field (``train.lr: expected float, got
-'abc'``). DeepSpeed's JSON (:func:`deepspeed_config`) and Ray's ScalingConfig /
-RunConfig (``sparse_transformer.distributed.trainer``) are derived from the tree.
+against its field's annotation (type, ``Literal`` choices, ``Range`` bounds) by the
+one validator the model config uses too (``configs.schema.build``), and every
+cross-field constraint (batch divisibility, sequence length versus context,
+precision versus device) by the small checks of :func:`validate`, so a bad config
+fails on the driver naming the field (``train.lr: expected float, got 'abc'``).
+DeepSpeed's JSON (:func:`deepspeed_config`) and Ray's ScalingConfig / RunConfig
+(``sparse_transformer.distributed.trainer``) are derived from the tree.
 
 Every printed or saved config goes through ``distributed.redaction.redact`` (one set
 of rules for the whole project).
@@ -25,26 +27,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import re
-import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from sparse_transformer import configs
+from sparse_transformer.configs.schema import ConfigError, Range, build
 from sparse_transformer.distributed.redaction import redact, redact_url
 from sparse_transformer.model.config import SparseTransformerConfig
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-TRISTATE = ("auto", "true", "false")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Tristate = Literal["auto", "true", "false"]
+"""auto, true or false (YAML's booleans are taken as "true" and "false")."""
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+TRISTATE: tuple[str, ...] = typing.get_args(Tristate)
 
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message starts with the dotted field name."""
+PositiveInt = Annotated[int, Range(gt=0)]
+NonNegativeInt = Annotated[int, Range(ge=0)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+NonNegativeFloat = Annotated[float, Range(ge=0)]
 
 
 @dataclass
@@ -60,16 +65,16 @@ class DataSection:
     """A local copy of the source for ``prepare`` (empty: download where possible)."""
     prepare: bool = True
     """Prepare the dataset on the driver before training when it does not exist yet."""
-    seq_len: int = 0
+    seq_len: NonNegativeInt = 0
     """Tokens per sample; 0 means the model's n_ctx."""
-    global_batch_size: int = 4
+    global_batch_size: PositiveInt = 4
     """Samples per optimizer step over all workers (micro batch x workers x accumulation)."""
     seed: int = 0
     """Seed of the data order."""
-    shuffle_window: int = 4
-    prefetch: int = 2
-    num_threads: int = 1
-    eval_batch_size: int = 0
+    shuffle_window: PositiveInt = 4
+    prefetch: NonNegativeInt = 2
+    num_threads: PositiveInt = 1
+    eval_batch_size: NonNegativeInt = 0
     """Global batch of the validation pass; 0 means ``global_batch_size``."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options for ``url`` (e.g. ``endpoint_url``); credentials are never printed."""
@@ -79,41 +84,41 @@ class DataSection:
 class TrainSection:
     """Optimisation, precision and the loop's cadence."""
 
-    steps: int = 250
+    steps: PositiveInt = 250
     """Optimizer steps of the whole run."""
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Peak learning rate (after warm-up)."""
-    warmup_steps: int = 5000
+    warmup_steps: NonNegativeInt = 5000
     """Linear warm-up from 0 to ``lr``; then cosine decay to ``lr * min_lr_ratio``."""
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.01
+    min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.0
+    weight_decay: NonNegativeFloat = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    grad_accum: int = 1
+    eps: PositiveFloat = 1e-8
+    grad_clip: NonNegativeFloat = 1.0
+    grad_accum: PositiveInt = 1
     """Micro-batches per optimizer step on each worker."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """auto (fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (GPU only)."""
-    zero_stage: int = 0
+    zero_stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage 0-3."""
     initial_scale_power: int = 16
     """fp16 dynamic loss scaling: the first scale is 2 ** initial_scale_power."""
-    loss_scale_window: int = 1000
+    loss_scale_window: PositiveInt = 1000
     """Steps without overflow before the scale doubles."""
-    hysteresis: int = 2
+    hysteresis: PositiveInt = 2
     """Overflows tolerated before the scale halves."""
-    min_loss_scale: float = 1.0
+    min_loss_scale: PositiveFloat = 1.0
     seed: int = 0
     """Seed of the initial weights and of each rank's dropout RNG (seed + rank)."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Steps between metric reports (ray.train.report, Prometheus, TensorBoard)."""
-    eval_every: int = 100
+    eval_every: NonNegativeInt = 100
     """Steps between validation passes (and one at the end); 0: only at the end."""
-    eval_batches: int = 4
+    eval_batches: NonNegativeInt = 4
     """Validation batches per pass; 0: the whole split."""
-    checkpoint_every: int = 50
+    checkpoint_every: NonNegativeInt = 50
     """Steps between checkpoints (and one at the end); 0: only at the end."""
-    sample_length: int = 200
+    sample_length: NonNegativeInt = 200
     """Bytes sampled after training (0: none)."""
     sample_prompt: str = "The "
     fault_step: int = -1
@@ -132,7 +137,7 @@ class TrainSection:
     """Bitwise-reproducible runs: torch.use_deterministic_algorithms, cuBLAS's fixed
     workspace, and the Triton attention kernels at fixed launch configurations instead of
     the ones Triton's autotuner times in each process."""
-    torch_threads: int = 0
+    torch_threads: NonNegativeInt = 0
     """torch.set_num_threads in each worker; 0: the worker's CPUs."""
 
 
@@ -140,13 +145,13 @@ class TrainSection:
 class ScalingSection:
     """Ray Train workers (``ray.train.ScalingConfig``)."""
 
-    num_workers: int = 2
-    min_workers: int = 0
+    num_workers: PositiveInt = 2
+    min_workers: NonNegativeInt = 0
     """> 0 makes the group elastic: ScalingConfig(num_workers=(min_workers, num_workers))."""
-    use_gpu: bool | str = "auto"
+    use_gpu: Tristate = "auto"
     """auto (GPUs when the Ray cluster has them), true or false."""
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
+    cpus_per_worker: NonNegativeFloat = 1.0
+    gpus_per_worker: NonNegativeFloat = 1.0
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Extra custom resources per worker."""
 
@@ -161,13 +166,13 @@ class RunSection:
     """Local folder (relative to the working directory) or s3://bucket/prefix."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """For s3://: endpoint_url, key, secret, region (pyarrow S3FileSystem)."""
-    max_failures: int = 2
-    """Worker-group restarts after a failure (FailureConfig)."""
-    num_to_keep: int = 2
+    max_failures: Annotated[int, Range(ge=-1)] = 2
+    """Worker-group restarts after a failure (FailureConfig); -1: unlimited."""
+    num_to_keep: PositiveInt = 2
     """Checkpoints kept (CheckpointConfig)."""
     ray_address: str = "local"
     """``local`` starts a Ray instance on 127.0.0.1; ``auto`` or ray://... joins a cluster."""
-    dashboard: bool | str = "auto"
+    dashboard: Tristate = "auto"
     """The Ray dashboard (on 127.0.0.1) of a local instance: auto (start it when Ray's
     dashboard packages are installed, say once that it is off otherwise), true (insist:
     fail without them) or false."""
@@ -215,77 +220,12 @@ class Config:
         return _build(doc, name=name)
 
 
-# -- typed conversion ------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(path: str, tp: Any, value: Any) -> Any:
-    """``value`` checked against the annotation ``tp`` (ints widen to float)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
-            try:
-                return _coerce(path, arm, value)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{path}: expected None, got {value!r}")
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected bool, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{path}: expected int, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise ConfigError(f"{path}: expected a finite number, got {value!r}")
-            return float(value)
-        raise ConfigError(f"{path}: expected float, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{path}: expected str, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        if isinstance(value, (list, tuple)):
-            return [_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
-        raise ConfigError(f"{path}: expected a list, got {value!r}")
-    if origin is dict:
-        _, item = typing.get_args(tp) or (str, Any)
-        if isinstance(value, Mapping):
-            return {str(k): _coerce(f"{path}.{k}", item, v) for k, v in value.items()}
-        raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-    raise ConfigError(f"{path}: unsupported field type {tp!r}")  # pragma: no cover
-
-
-def _section(name: str, cls: type, values: Any) -> Any:
-    if values is None:
-        values = {}
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{name}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in known:
-            raise ConfigError(f"{name}.{key}: unknown field; known fields: {', '.join(known)}")
-        kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
-    return cls(**kwargs)
+# -- building and cross-field checks -------------------------------------------------------
 
 
 def _build(doc: Mapping[str, Any], *, name: str = "") -> Config:
+    """The model and every section, each field checked against its annotation
+    (``configs.schema.build``), then the run's name and the rules between fields."""
     if not isinstance(doc, Mapping):
         raise ConfigError(f"config: expected a mapping of sections, got {type(doc).__name__}")
     allowed = ("model", *SECTIONS)
@@ -294,12 +234,10 @@ def _build(doc: Mapping[str, Any], *, name: str = "") -> Config:
             raise ConfigError(f"{key}: unknown section; known sections: {', '.join(allowed)}")
     if not isinstance(doc.get("model"), Mapping):
         raise ConfigError("model: missing or not a mapping")
-    try:
-        model = SparseTransformerConfig.from_dict(doc["model"])
-    except (ValueError, TypeError) as err:
-        msg = str(err).replace("SparseTransformerConfig.", "model.")
-        raise ConfigError(msg if msg.startswith("model.") else f"model: {msg}") from err
-    sections = {s: _section(s, cls, doc.get(s)) for s, cls in SECTIONS.items()}
+    model = build(SparseTransformerConfig, doc["model"], "model")
+    sections = {
+        s: build(cls, {} if doc.get(s) is None else doc[s], s) for s, cls in SECTIONS.items()
+    }
     cfg = Config(model=model, **sections)
     if not cfg.run.name:
         cfg.run.name = name or "run"
@@ -307,73 +245,31 @@ def _build(doc: Mapping[str, Any], *, name: str = "") -> Config:
     return cfg
 
 
-def _positive(path: str, value: float, *, zero_ok: bool = False) -> None:
-    if value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"{path}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
-
-
-def _tristate(path: str, value: bool | str) -> str:
-    """auto, true or false (YAML booleans become "true"/"false")."""
-    if isinstance(value, bool):
-        value = "true" if value else "false"
-    if value not in TRISTATE:
-        raise ConfigError(f"{path}: expected one of {TRISTATE}, got {value!r}")
-    return value
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field checks; raises :class:`ConfigError` naming the field."""
-    d, t, s, r = cfg.data, cfg.train, cfg.scaling, cfg.run
-    for path, value, zero_ok in (
-        ("train.steps", t.steps, False),
-        ("train.lr", t.lr, False),
-        ("train.warmup_steps", t.warmup_steps, True),
-        ("train.weight_decay", t.weight_decay, True),
-        ("train.eps", t.eps, False),
-        ("train.grad_clip", t.grad_clip, True),
-        ("train.grad_accum", t.grad_accum, False),
-        ("train.log_every", t.log_every, False),
-        ("train.eval_every", t.eval_every, True),
-        ("train.eval_batches", t.eval_batches, True),
-        ("train.checkpoint_every", t.checkpoint_every, True),
-        ("train.sample_length", t.sample_length, True),
-        ("train.loss_scale_window", t.loss_scale_window, False),
-        ("train.hysteresis", t.hysteresis, False),
-        ("train.min_loss_scale", t.min_loss_scale, False),
-        ("train.torch_threads", t.torch_threads, True),
-        ("data.global_batch_size", d.global_batch_size, False),
-        ("data.seq_len", d.seq_len, True),
-        ("data.eval_batch_size", d.eval_batch_size, True),
-        ("data.shuffle_window", d.shuffle_window, False),
-        ("data.prefetch", d.prefetch, True),
-        ("data.num_threads", d.num_threads, False),
-        ("scaling.num_workers", s.num_workers, False),
-        ("scaling.min_workers", s.min_workers, True),
-        ("scaling.cpus_per_worker", s.cpus_per_worker, True),
-        ("scaling.gpus_per_worker", s.gpus_per_worker, True),
-        ("run.max_failures", r.max_failures + 1, False),  # -1 means unlimited in Ray
-        ("run.num_to_keep", r.num_to_keep, False),
-    ):
-        _positive(path, value, zero_ok=zero_ok)
-    if not 0.0 <= t.min_lr_ratio <= 1.0:
-        raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+def _check_optimizer(cfg: Config) -> None:
+    t = cfg.train
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {t.betas}")
-    if t.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision: expected one of {PRECISIONS}, got {t.precision!r}")
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage: expected 0, 1, 2 or 3, got {t.zero_stage}")
     if cfg.model.compile in (True, "cudagraphs") and t.zero_stage == 3:
         raise ConfigError(
             "model.compile: ZeRO stage 3 gathers parameters in module hooks, which a compiled "
             "block cannot hold; use model.compile=false (or auto) or train.zero_stage <= 2"
         )
+    if cfg.scaling.use_gpu == "false" and t.precision == "fp16":
+        raise ConfigError("train.precision: fp16 needs GPUs (scaling.use_gpu=false); use fp32/bf16")
+
+
+def _check_faults(cfg: Config) -> None:
+    t, workers = cfg.train, cfg.scaling.num_workers
     if t.fault_target not in ("worker", "driver"):
         raise ConfigError(f"train.fault_target: expected worker or driver, got {t.fault_target!r}")
-    s.use_gpu = _tristate("scaling.use_gpu", s.use_gpu)
-    r.dashboard = _tristate("run.dashboard", r.dashboard)
-    if s.use_gpu == "false" and t.precision == "fp16":
-        raise ConfigError("train.precision: fp16 needs GPUs (scaling.use_gpu=false); use fp32/bf16")
+    if t.fault_step >= 0 and not 0 <= t.fault_rank < workers:
+        raise ConfigError(f"train.fault_rank: {t.fault_rank} is not a rank of {workers} workers")
+
+
+def _check_sizes(cfg: Config) -> None:
+    """Workers, sequence length and batches: every world size of an elastic range must
+    divide the global batch (with accumulation) and the evaluation batch."""
+    d, t, s = cfg.data, cfg.train, cfg.scaling
     if s.min_workers > s.num_workers:
         raise ConfigError(
             f"scaling.min_workers: {s.min_workers} exceeds scaling.num_workers = {s.num_workers}"
@@ -383,32 +279,47 @@ def validate(cfg: Config) -> None:
             f"data.seq_len: {cfg.seq_len} exceeds the model's context model.n_ctx = "
             f"{cfg.model.n_ctx}"
         )
-    worlds = range(s.min_workers or s.num_workers, s.num_workers + 1)
-    for world in worlds:
-        per_step = world * t.grad_accum
-        if d.global_batch_size % per_step:
+    eval_batch = d.eval_batch_size or d.global_batch_size
+    for world in range(s.min_workers or s.num_workers, s.num_workers + 1):
+        if d.global_batch_size % (world * t.grad_accum):
             raise ConfigError(
                 f"data.global_batch_size: {d.global_batch_size} is not divisible by "
                 f"workers x train.grad_accum = {world} x {t.grad_accum}"
             )
-        eval_batch = d.eval_batch_size or d.global_batch_size
         if eval_batch % world:
             raise ConfigError(
                 f"data.eval_batch_size: {eval_batch} is not divisible by {world} workers"
             )
-    if t.fault_step >= 0 and not 0 <= t.fault_rank < s.num_workers:
-        raise ConfigError(
-            f"train.fault_rank: {t.fault_rank} is not a rank of {s.num_workers} workers"
-        )
+
+
+def _check_locations(cfg: Config) -> None:
+    r = cfg.run
     if not r.name or "/" in r.name or r.name in (".", ".."):
         raise ConfigError(
             f"run.name: must be a folder name (not empty, '.' or '..', no '/'), got {r.name!r}"
         )
-    if not d.url and is_remote(r.storage_path):
+    if not cfg.data.url and is_remote(r.storage_path):
         raise ConfigError(
             "data.url: required when run.storage_path is remote "
             f"({redact_url(r.storage_path)}); prepare the dataset there and name it"
         )
+
+
+CROSS_FIELD_CHECKS: tuple[Callable[[Config], None], ...] = (
+    _check_optimizer,
+    _check_faults,
+    _check_sizes,
+    _check_locations,
+)
+"""The rules between fields, in order; each field's own type, choices and bounds were
+checked when its section was built."""
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks (:data:`CROSS_FIELD_CHECKS`); raises :class:`ConfigError`
+    naming the field."""
+    for check in CROSS_FIELD_CHECKS:
+        check(cfg)
 
 
 # -- loading and overrides ---------------------------------------------------------------

@@ -1,16 +1,20 @@
-"""The training config: typed loading, overrides, validation naming the field, redaction,
-the DeepSpeed JSON and Ray configs derived from it, and the CLI's help and early failures."""
+"""The training config: typed loading, overrides, validation naming the field (the one
+validator of configs.schema, shared with the model config), redaction, the DeepSpeed JSON
+and Ray configs derived from it, and the CLI's help and early failures."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal, Optional
 
 import pytest
 import yaml
 
 from sparse_transformer.cli import build_parser, main
+from sparse_transformer.configs.schema import Noun, Range, build
 from sparse_transformer.distributed.config import (
     Config,
     ConfigError,
@@ -80,6 +84,13 @@ def test_overrides_are_typed_by_the_field() -> None:
         ("train.steps=0", "train.steps: must be > 0"),
         ("model.compile=maybe", "model.compile: must be true, false, auto or cudagraphs"),
         ("model.attention_backend=sdpa", "model.attention_backend: sdpa runs dense"),
+        ("run.max_failures=-2", "run.max_failures: must be an integer >= -1, got -2"),
+        ("run.max_failures=-1", None),  # unlimited
+        ("scaling.use_gpu=maybe", "scaling.use_gpu: expected one of"),
+        ("train.zero_stage=1.0", "train.zero_stage: expected one of (0, 1, 2, 3), got 1.0"),
+        ("train.betas=[0.9, x]", "train.betas[1]: expected float, got 'x'"),
+        ("scaling.resources_per_worker={a: x}", "scaling.resources_per_worker.a: expected float"),
+        ("model.embed_shape=[1024, 0]", "model.embed_shape[1]: must be an integer >= 1"),
         ("train.fault_step=3", None),  # valid: rank 1 of 2 workers
         ("train.fault_rank=5", None),  # valid while fault_step < 0
     ],
@@ -91,6 +102,65 @@ def test_invalid_values_fail_naming_the_field(override: str, message: str | None
     with pytest.raises(ConfigError) as err:
         load_config("tiny", [override])
     assert message in str(err.value)
+
+
+def test_one_validator_for_the_model_and_the_run() -> None:
+    """configs.schema checks every field of both configs against its annotation: the
+    model's errors are the same ConfigError, named under ``model.`` when read in a run."""
+    from sparse_transformer.configs import schema
+    from sparse_transformer.model import SparseTransformerConfig
+
+    assert ConfigError is schema.ConfigError
+    with pytest.raises(ConfigError, match=r"^SparseTransformerConfig\.n_layers: expected int"):
+        SparseTransformerConfig(n_layers="2")
+    with pytest.raises(ConfigError, match=r"^model\.n_layers: expected int, got 'x'"):
+        load_config("tiny", ["model.n_layers=x"])
+    yes = load_config("tiny", ["scaling.use_gpu=yes", "run.dashboard=false"])
+    assert yes.scaling.use_gpu == "true" and yes.run.dashboard == "false"  # YAML booleans
+
+
+@dataclass
+class Inner:
+    size: Annotated[int, Range(ge=1)] = 1
+    kind: Annotated[Literal["a", "b"], Noun("kind")] = "a"
+
+
+@dataclass
+class Outer:
+    rate: Annotated[float, Range(ge=0, lt=1)] = 0.5
+    flag: bool = False
+    label: Optional[str] = None  # noqa: UP045 - typing.Optional, the spelling under test
+    mode: bool | Literal["auto"] = "auto"
+    inner: Inner = field(default_factory=Inner)
+    extra: dict[str, int] = field(default_factory=dict)
+    shape: tuple[int, ...] = ()
+
+
+def test_schema_checks_each_kind_of_annotation() -> None:
+    got = build(
+        Outer,
+        {"rate": 0, "label": None, "mode": True, "inner": {"size": 2, "kind": "b"},
+         "extra": {"k": 3}, "shape": [1, 2]},
+        "outer",
+    )  # fmt: skip
+    assert got == Outer(0.0, False, None, True, Inner(2, "b"), {"k": 3}, (1, 2))
+    assert isinstance(got.rate, float)
+    for values, message in [
+        ({"rate": 1}, "outer.rate: must be in [0, 1), got 1.0"),
+        ({"rate": True}, "outer.rate: expected float, got True"),
+        ({"flag": "yes"}, "outer.flag: expected bool, got 'yes'"),
+        ({"label": 3}, "outer.label: expected str or None, got 3"),
+        ({"mode": "on"}, "outer.mode: must be true, false or auto, got 'on'"),
+        ({"inner": {"size": 0}}, "outer.inner.size: must be an integer >= 1, got 0"),
+        ({"inner": {"kind": "c"}}, "outer.inner.kind: unknown kind 'c'; expected one of"),
+        ({"inner": {"colour": 1}}, "outer.inner.colour: unknown field; known fields: size"),
+        ({"inner": [1]}, "outer.inner: expected a mapping, got [1]"),
+        ({"extra": {"k": 1.5}}, "outer.extra.k: expected int, got 1.5"),
+        ({"shape": [1, "x"]}, "outer.shape[1]: expected int, got 'x'"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            build(Outer, values, "outer")
+        assert str(err.value).startswith(message), (values, str(err.value))
 
 
 def test_cross_field_checks() -> None:
