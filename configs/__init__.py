@@ -2,7 +2,9 @@
 
 A ``--config`` argument, a ``load_model_config`` argument or ``submit --config`` is a
 path when it is a ``Path``, contains ``/`` or ends in ``.yaml`` / ``.yml``; otherwise it
-is the name of a file here. Standard library only.
+is the name of a file here. :mod:`sparse_transformer.configs.schema` is the one validator
+of the configuration dataclasses (the model's and the run's sections). Standard library
+only; below ``model`` and ``distributed``, which both import it.
 """
 
 from __future__ import annotations
