@@ -107,6 +107,17 @@ class Plan:
     model: list[str] = field(default_factory=list)  # model.* overrides
     extra: list[str] = field(default_factory=list)
 
+    def hooks(self) -> list[Any]:
+        """The faults this plan injects (rank 0 is killed; every rank overflows)."""
+        from sparse_transformer.benchmarks.faults import KillAt, OverflowAt
+
+        hooks: list[Any] = []
+        if self.kill_at >= 0:
+            hooks.append(KillAt(self.kill_at, rank=0))
+        if self.overflow_at >= 0:
+            hooks.append(OverflowAt(self.overflow_at))
+        return hooks
+
     @property
     def resume_step(self) -> int:
         """The last checkpoint before the worker is killed: where the restart resumes."""
@@ -162,9 +173,6 @@ def _overrides(env: Env, plan: Plan, url: str, name: str, deterministic: bool) -
         "train.log_every=1",
         f"train.checkpoint_every={plan.checkpoint_every or plan.steps}",
         "train.hysteresis=1",  # the first overflow already halves the scale
-        f"train.fault_step={plan.kill_at}",
-        "train.fault_rank=0",
-        f"train.fault_overflow_step={plan.overflow_at}",
         f"run.max_failures={1 if plan.kill_at >= 0 else 0}",
         f"train.deterministic={'true' if deterministic else 'false'}",
         *plan.extra,
@@ -186,7 +194,7 @@ def train(env: Env, plan: Plan, name: str, *, deterministic: bool = False) -> Ru
     url = repo_text_dataset(env.work, probe.seq_len)
     cfg = load_config(plan.config, _overrides(env, plan, url, name, deterministic))
     start = time.monotonic()
-    summary = run_training(cfg, verbose=False)
+    summary = run_training(cfg, verbose=False, hooks=plan.hooks())
     return Run(name, summary, read_history(cfg), local_state_dir(cfg), time.monotonic() - start)
 
 
@@ -280,10 +288,11 @@ def resumed_from(run: Run) -> int | None:
 
 
 def check_restart(report: Report, label: str, run: Run, plan: Plan) -> None:
+    from sparse_transformer.benchmarks.faults import MARKER
     from sparse_transformer.distributed.checkpoint import verify_complete
 
     expected = plan.resume_step
-    marker = run.local_dir / ".fault-injected"
+    marker = run.local_dir / MARKER
     final = verify_complete(run.summary.checkpoint)["step"] if run.summary.checkpoint else None
     got = resumed_from(run)
     report.check(

@@ -23,6 +23,9 @@ world size (an elastic group that grew or shrank) or another ZeRO stage goes thr
 DeepSpeed's universal format (:func:`to_universal`: one fp32 weight and moment file per
 parameter), which any partitioning loads. A ZeRO-sharded checkpoint without
 ``model.pt`` is exported to a consolidated state dict with DeepSpeed's ``zero_to_fp32``.
+
+:class:`Checkpointer` is one rank's side of it during training: find the newest intact
+checkpoint of the run, restore an engine from it, and save a new one.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -382,3 +386,139 @@ def latest_checkpoint(run_dir: str, storage_options: dict[str, Any] | None = Non
     """The newest complete checkpoint directory in a run folder (local or remote), or None."""
     found = complete_checkpoints(run_dir, storage_options)
     return found[-1][1] if found else None
+
+
+# -- one rank's side of the protocol: find, restore, save --------------------------------
+
+
+@dataclass(frozen=True)
+class Found:
+    """A complete, intact checkpoint to resume from, opened as a local folder."""
+
+    url: str
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+class Checkpointer:
+    """One rank's checkpoints of one run: :meth:`find` the newest intact one,
+    :meth:`restore` an engine from it, :meth:`save` a new one.
+
+    The run folder, not Ray Train's registry, is the record: Ray takes reports from a
+    queue it polls, so a checkpoint reported just before a worker died can be in
+    storage, complete, and unknown to it. Commit markers tell complete checkpoints
+    apart, and a damaged one (a file changed after its marker) is skipped for the one
+    before it.
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        storage_options: dict[str, Any] | None,
+        *,
+        rank: int,
+        world_size: int,
+        local_rank: int,
+        zero_stage: int,
+        log: Callable[[str], None],
+    ) -> None:
+        self.run_dir, self.storage_options = run_dir, storage_options
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.zero_stage = zero_stage
+        self.log = log  # rank 0's console; the other ranks pass a no-op
+
+    def find(self, stack: ExitStack, registered: str | None) -> Found | None:
+        """The newest complete checkpoint whose files match its markers, its local copy
+        kept open on ``stack``; None for a fresh start. ``registered``: the folder name
+        of the checkpoint Ray Train handed this worker, if any."""
+        for step, url in reversed(complete_checkpoints(self.run_dir, self.storage_options)):
+            opened = ExitStack()
+            local = opened.enter_context(local_copy(url, self.storage_options))
+            try:
+                verify_contents(local)
+            except CheckpointError as err:
+                opened.close()
+                self.log(f"[train] skipping the checkpoint of step {step}: {err}")
+                continue
+            stack.push(opened)
+            if registered != Path(url).name:
+                self.log(
+                    f"[train] resuming from a checkpoint Ray Train did not register (step "
+                    f"{step}): its report was lost when the worker stopped, or a newer one "
+                    "was skipped"
+                )
+            return Found(url, Path(local), verify_complete(local))
+        return None
+
+    def needs_universal(self, found: Found | None) -> bool:
+        """Whether ``found`` loads through DeepSpeed's universal format here."""
+        return found is not None and needs_universal(found.meta, self.world_size, self.zero_stage)
+
+    def restore(self, stack: ExitStack, engine: Any, found: Found) -> dict[str, Any]:
+        """Load ``found`` into ``engine`` (its config set ``load_universal`` when
+        :meth:`needs_universal`); returns this rank's saved state."""
+        load_dir = found.path
+        if self.needs_universal(found):
+            load_dir = self._universal_copy(stack, found)
+            self.log(
+                f"[train] checkpoint of world size {found.meta['world_size']} (ZeRO stage "
+                f"{found.meta.get('zero_stage', 0)}) resumed on {self.world_size} worker(s) "
+                f"(ZeRO stage {self.zero_stage}) through DeepSpeed's universal format"
+            )
+        load_path, _ = engine.load_checkpoint(
+            str(load_dir), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {load_dir}")
+        return load_rank_state(found.path, self.rank)
+
+    def _universal_copy(self, stack: ExitStack, found: Found) -> Path:
+        """The universal form of ``found``, converted once per node: local rank 0
+        converts into a node-local folder, the node's other ranks wait at a barrier; the
+        folder is removed on leaving ``stack``, after every rank has loaded."""
+        from sparse_transformer.distributed import collectives
+
+        name = hashlib.sha256(found.url.encode()).hexdigest()[:16]
+        out = Path(tempfile.gettempdir(), f"st-universal-{name}")
+        if self.local_rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
+            to_universal(found.path, out)
+        collectives.barrier()
+
+        def cleanup() -> None:
+            collectives.barrier()  # every rank has loaded
+            if self.local_rank == 0:
+                shutil.rmtree(out, ignore_errors=True)
+
+        stack.callback(cleanup)
+        return out
+
+    @contextmanager
+    def save(
+        self,
+        step: int,
+        engine: Any,
+        rank_state: dict[str, Any],
+        rank0_files: Callable[[], dict[str, Any]],
+    ) -> Iterator[Path]:
+        """Write this rank's part of the checkpoint of ``step`` (:func:`write`) into a
+        fresh local folder, yielded for the caller to report; removed afterwards.
+        ``rank0_files()`` gives rank 0's ``meta``, ``config_yaml`` and ``model_state``."""
+        tmp = Path(tempfile.mkdtemp(prefix=f"st-ckpt-{step:08d}-r{self.rank}-"))
+        try:
+            write(
+                tmp,
+                self.rank,
+                save_engine=lambda d: engine.save_checkpoint(
+                    d, tag=DS_TAG, client_state={"step": step}
+                ),
+                rank_state=rank_state,
+                **(rank0_files() if self.rank == 0 else {}),
+            )
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

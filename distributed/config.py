@@ -4,7 +4,7 @@ A run is described by a YAML file with five sections::
 
     model:    the network (``sparse_transformer.model.SparseTransformerConfig``)
     data:     DataSection      where the shards live, how they are prepared and batched
-    train:    TrainSection     optimisation, precision, ZeRO, schedules, evaluation, faults
+    train:    TrainSection     optimisation, precision, ZeRO, schedules, evaluation
     scaling:  ScalingSection   Ray Train workers and their resources
     run:      RunSection       name, storage (local folder or s3://), failures, checkpoints
 
@@ -121,16 +121,6 @@ class TrainSection:
     sample_length: NonNegativeInt = 200
     """Bytes sampled after training (0: none)."""
     sample_prompt: str = "The "
-    fault_step: int = -1
-    """Fault injection for recovery tests: ``os._exit(1)`` at this step (-1: never) ..."""
-    fault_rank: int = 1
-    """... on this rank, only in the first attempt of the run (a marker file remembers)."""
-    fault_target: str = "worker"
-    """worker: the worker process exits; driver: it SIGKILLs the driver (whole-job restart)."""
-    fault_overflow_step: int = -1
-    """Fault injection: this step's backward gets an infinite loss on every rank, so its
-    gradients overflow (fp16: DeepSpeed skips the step and lowers the loss scale; fp32:
-    the non-finite guard skips it); the reported loss is the real one (-1: never)."""
     record_batches: bool = False
     """Append a digest of every batch each rank consumes to <run>/batches/rank{r}.jsonl."""
     deterministic: bool = False
@@ -258,14 +248,6 @@ def _check_optimizer(cfg: Config) -> None:
         raise ConfigError("train.precision: fp16 needs GPUs (scaling.use_gpu=false); use fp32/bf16")
 
 
-def _check_faults(cfg: Config) -> None:
-    t, workers = cfg.train, cfg.scaling.num_workers
-    if t.fault_target not in ("worker", "driver"):
-        raise ConfigError(f"train.fault_target: expected worker or driver, got {t.fault_target!r}")
-    if t.fault_step >= 0 and not 0 <= t.fault_rank < workers:
-        raise ConfigError(f"train.fault_rank: {t.fault_rank} is not a rank of {workers} workers")
-
-
 def _check_sizes(cfg: Config) -> None:
     """Workers, sequence length and batches: every world size of an elastic range must
     divide the global batch (with accumulation) and the evaluation batch."""
@@ -307,7 +289,6 @@ def _check_locations(cfg: Config) -> None:
 
 CROSS_FIELD_CHECKS: tuple[Callable[[Config], None], ...] = (
     _check_optimizer,
-    _check_faults,
     _check_sizes,
     _check_locations,
 )

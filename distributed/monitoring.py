@@ -9,7 +9,9 @@ Prometheus' own text parser (the tests and ``benchmarks/gpu_check.py`` use it).
 from __future__ import annotations
 
 import math
+import os
 import urllib.request
+from typing import Any
 
 METRIC_NAMES = {
     "loss_bits": "Training loss, bits per dim/byte (mean over ranks since the last report)",
@@ -40,6 +42,41 @@ def gauge_name(key: str) -> str:
 def prometheus_name(key: str) -> str:
     """The series name of a metric on Ray's Prometheus endpoint."""
     return f"ray_{gauge_name(key)}"
+
+
+class MetricsExporter:
+    """Rank 0's Prometheus gauges (``ray.util.metrics``, tag ``run``) and TensorBoard
+    writer (when ``tb_dir`` is given)."""
+
+    def __init__(self, run: str, tb_dir: str | None) -> None:
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {
+            k: Gauge(gauge_name(k), description=d, tag_keys=("run",))
+            for k, d in {**METRIC_NAMES, **EVAL_METRIC_NAMES}.items()
+        }
+        self.writer = None
+        if tb_dir:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(tb_dir, exist_ok=True)
+            self.writer = SummaryWriter(tb_dir)
+
+    def export(self, step: int, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key in self.gauges and math.isfinite(value):
+                self.gauges[key].set(float(value), tags=self.tags)
+            if self.writer is not None:
+                self.writer.add_scalar(f"train/{key}" if "val" not in key else key, value, step)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
 
 
 def scrape(url: str, timeout: float = 10.0) -> Samples:
@@ -99,6 +136,7 @@ def implausible(values: dict[str, float], *, on_gpu: bool = False) -> list[str]:
 __all__ = [
     "EVAL_METRIC_NAMES",
     "METRIC_NAMES",
+    "MetricsExporter",
     "gauge_name",
     "implausible",
     "prometheus_name",

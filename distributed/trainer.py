@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from sparse_transformer.distributed.config import (
     local_path,
     relative_paths,
 )
+from sparse_transformer.distributed.hooks import TrainHooks
 from sparse_transformer.distributed.redaction import redact, redact_url
 
 
@@ -330,10 +332,15 @@ def local_state_dir(cfg: Config) -> Path:
 
 
 def build_trainer(
-    cfg: Config, *, extra: dict[str, Any] | None = None, data_url: str | None = None
+    cfg: Config,
+    *,
+    extra: dict[str, Any] | None = None,
+    data_url: str | None = None,
+    hooks: Sequence[TrainHooks] = (),
 ) -> Any:
     """The TorchTrainer for ``cfg`` (Ray must be initialised); ``data_url``: the dataset
-    :func:`prepare_data` returned (prepared here when None)."""
+    :func:`prepare_data` returned (prepared here when None); ``hooks``: what every
+    worker's loop calls (:mod:`sparse_transformer.distributed.hooks`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -365,13 +372,16 @@ def build_trainer(
     # Ray Train shows train_loop_config in the dashboard's Train view as it is: what may
     # hold credentials (the config's storage options) travels as an object the workers
     # fetch, and the view gets the redacted config.
-    private = {"config": cfg.to_dict(), "storage_options": storage_fsspec_options(cfg)}
+    private = {
+        "config": cfg.to_dict(),
+        "storage_options": storage_fsspec_options(cfg),
+        "hooks": list(hooks),
+    }
     loop_config = {
         "private": ray.put(private),
         "config_redacted": redact(cfg),
         "data_url": data_url or prepare_data(cfg),
         "use_gpu": gpu,
-        "fault_marker": str(local_state / ".fault-injected"),
         "local_dir": str(local_state),
         "run_dir": run_dir(cfg),
         "driver_pid": os.getpid(),
@@ -388,8 +398,19 @@ def build_trainer(
     )
 
 
-def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
-    """Train ``cfg`` to the end (or resume it) and return the final metrics and checkpoint."""
+def run_training(
+    cfg: Config, *, verbose: bool = True, hooks: Sequence[TrainHooks] = ()
+) -> TrainSummary:
+    """Train ``cfg`` to the end (or resume it) and return the final metrics and checkpoint.
+
+    ``hooks`` run in every worker's loop (tests inject faults through them:
+    :mod:`sparse_transformer.benchmarks.faults`); each is checked against the run first.
+    """
+    for hook in hooks:
+        try:
+            hook.check(cfg.scaling.num_workers)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if verbose:
         print("[train] config (redacted):\n" + dump_yaml(cfg), flush=True)
     check_job_paths(cfg, ray_job_id())
@@ -416,7 +437,7 @@ def run_training(cfg: Config, *, verbose: bool = True) -> TrainSummary:
             print(warning, file=sys.stderr, flush=True)
         try:
             with stop_on_signals(verbose) as flag:
-                trainer = build_trainer(cfg, data_url=url, extra={"stop_flag": flag})
+                trainer = build_trainer(cfg, data_url=url, extra={"stop_flag": flag}, hooks=hooks)
                 result = fit_beside_signals(trainer) if flag else trainer.fit()
         except Exception as err:
             if (permanent := permanent_failure(err)) is not None:

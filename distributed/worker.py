@@ -1,4 +1,4 @@
-"""The per-worker training loop that Ray Train runs on every rank.
+"""The per-worker training loop that Ray Train runs on every rank: :class:`Trainer`.
 
 Each worker: builds the model on the meta device and initialises it on its own
 device (same seed on every rank), wraps it with ``deepspeed.initialize`` (config
@@ -32,11 +32,11 @@ import logging
 import math
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
 import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,42 +52,28 @@ from sparse_transformer.distributed.config import (
     resolve_compile,
     resolve_precision,
 )
-from sparse_transformer.distributed.monitoring import EVAL_METRIC_NAMES, METRIC_NAMES, gauge_name
+from sparse_transformer.distributed.hooks import RunInfo, TrainHooks
+from sparse_transformer.distributed.monitoring import MetricsExporter
 from sparse_transformer.distributed.stopping import StopWatcher
 
 
-class _Exporter:
-    """Rank 0's Prometheus gauges (``ray.util.metrics``) and TensorBoard writer."""
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker``; see the module docstring."""
+    import ray.train
 
-    def __init__(self, run: str, tb_dir: str | None) -> None:
-        from ray.util.metrics import Gauge
+    rank = ray.train.get_context().get_world_rank()
+    # the config, storage options and hooks travel in the object store, kept out of the
+    # dashboard
+    loop_config = {**loop_config, **ray.get(loop_config["private"])}
+    for key, value in loop_config.get("worker_env", {}).items():
+        os.environ.setdefault(key, value)  # before DeepSpeed looks for its op cache
+    try:
+        Trainer(loop_config).run()
+    except Exception as err:
+        from sparse_transformer.distributed.failures import WorkerRankError
 
-        self.tags = {"run": run}
-        self.gauges = {
-            k: Gauge(gauge_name(k), description=d, tag_keys=("run",))
-            for k, d in {**METRIC_NAMES, **EVAL_METRIC_NAMES}.items()
-        }
-        self.writer = None
-        if tb_dir:
-            from tensorboardX import SummaryWriter
-
-            os.makedirs(tb_dir, exist_ok=True)
-            self.writer = SummaryWriter(tb_dir)
-
-    def export(self, step: int, metrics: dict[str, Any]) -> None:
-        for key, value in metrics.items():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
-            if key in self.gauges and math.isfinite(value):
-                self.gauges[key].set(float(value), tags=self.tags)
-            if self.writer is not None:
-                self.writer.add_scalar(f"train/{key}" if "val" not in key else key, value, step)
-        if self.writer is not None:
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        # Ray shows this on the driver; name the rank and keep the worker's traceback.
+        raise WorkerRankError.of(rank, err, traceback.format_exc()) from err
 
 
 def _console() -> logging.Logger:
@@ -125,83 +111,18 @@ def _progress(step: int, total: int, m: dict[str, Any]) -> str:
     )
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train's ``train_loop_per_worker``; see the module docstring."""
-    import ray.train
-
-    rank = ray.train.get_context().get_world_rank()
-    # the config and storage options travel in the object store, kept out of the dashboard
-    loop_config = {**loop_config, **ray.get(loop_config["private"])}
-    for key, value in loop_config.get("worker_env", {}).items():
-        os.environ.setdefault(key, value)  # before DeepSpeed looks for its op cache
-    try:
-        _train(loop_config)
-    except Exception as err:
-        from sparse_transformer.distributed.failures import WorkerRankError
-
-        # Ray shows this on the driver; name the rank and keep the worker's traceback.
-        raise WorkerRankError.of(rank, err, traceback.format_exc()) from err
-
-
-def _universal_copy(stack: contextlib.ExitStack, cdir: Path, key: str, local_rank: int) -> Path:
-    """DeepSpeed's universal form of checkpoint ``cdir``, converted once per node.
-
-    Local rank 0 converts into a node-local folder named after the checkpoint; the other
-    ranks of the node wait at a barrier and read it. The folder is removed on leaving
-    ``stack`` (after every rank has loaded).
-    """
-    name = hashlib.sha256(key.encode()).hexdigest()[:16]
-    out = Path(tempfile.gettempdir(), f"st-universal-{name}")
-    if local_rank == 0:
-        shutil.rmtree(out, ignore_errors=True)
-        ckpt_io.to_universal(cdir, out)
-    collectives.barrier()
-
-    def cleanup() -> None:
-        collectives.barrier()  # every rank has loaded
-        if local_rank == 0:
-            shutil.rmtree(out, ignore_errors=True)
-
-    stack.callback(cleanup)
-    return out
-
-
-def _open_checkpoint_to_resume(
-    stack: contextlib.ExitStack,
-    loop_config: dict[str, Any],
-    registered: Any,
-    console: logging.Logger,
-    rank: int,
-) -> tuple[str | None, Path | None]:
-    """(URL, local folder kept open on ``stack``) of the checkpoint to resume from: the
-    newest complete one in the run folder whose files match its commit markers; (None,
-    None) for a fresh start.
-
-    Ray Train hands a restarted worker the newest checkpoint it registered, but it takes
-    reports from a queue it polls: a checkpoint reported just before the worker died can
-    be in storage, complete, and unknown to it. So the run folder is the record, and the
-    commit markers tell complete checkpoints apart; a damaged one (a file truncated or
-    changed after its marker was written) is skipped, saying so, for the one before it.
-    """
-    options = loop_config["storage_options"]
-    for step, url in reversed(ckpt_io.complete_checkpoints(loop_config["run_dir"], options)):
-        opened = contextlib.ExitStack()
-        local = opened.enter_context(ckpt_io.local_copy(url, options))
-        try:
-            ckpt_io.verify_contents(local)
-        except ckpt_io.CheckpointError as err:
-            opened.close()
-            if rank == 0:
-                console.info(f"[train] skipping the checkpoint of step {step}: {err}")
-            continue
-        stack.push(opened)
-        if rank == 0 and (registered is None or Path(registered.path).name != Path(url).name):
-            console.info(
-                f"[train] resuming from a checkpoint Ray Train did not register (step {step}): "
-                "its report was lost when the worker stopped, or a newer one was skipped"
-            )
-        return url, Path(local)
-    return None, None
+def _device(cfg: Config, use_gpu: bool) -> torch.device:
+    """This rank's device, after the process-wide settings the config asks for."""
+    if cfg.train.deterministic:
+        # before the first matmul creates cuBLAS's workspace; the Triton attention kernels
+        # also launch at fixed configurations instead of timing-based autotuned ones
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    if torch.cuda.is_available() and use_gpu:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -214,359 +135,394 @@ def _build_model(cfg: Config, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def _train(loop_config: dict[str, Any]) -> None:
-    import deepspeed  # noqa: F401 - first: it picks its accelerator when imported
-    import ray.train
+@dataclass
+class _Window:
+    """The open log window. The losses, summed over samples (so any world size reports
+    the same), stay on the device until the window is read."""
 
-    from sparse_transformer.data import StreamingDataset
+    loss: torch.Tensor
+    samples: int = 0
+    time: float = 0.0
+    wait: float = 0.0
+    steps: int = 0
 
-    cfg = Config.from_dict(loop_config["config"])
-    t, d = cfg.train, cfg.data
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    console = _console()
-    if t.deterministic:
-        # before the first matmul creates cuBLAS's workspace; the Triton attention kernels
-        # also launch at fixed configurations instead of timing-based autotuned ones
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    on_gpu = torch.cuda.is_available() and loop_config.get("use_gpu", False)
-    if on_gpu:
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    if t.torch_threads:
-        torch.set_num_threads(t.torch_threads)
-    precision = resolve_precision(cfg, on_gpu)
+    def over_ranks(self) -> list[float]:
+        """[sum of the losses over samples, samples] of all ranks: one read."""
+        window = torch.stack([self.loss, self.loss.new_tensor(self.samples)])
+        return collectives.all_reduce(window).tolist()
 
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(ckpt_io.weights_only_loads())  # DeepSpeed's loads included
-        restored, cdir = _open_checkpoint_to_resume(
-            stack, loop_config, ray.train.get_checkpoint(), console, rank
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.samples, self.time, self.wait, self.steps = 0, 0.0, 0.0, 0
+
+
+@dataclass
+class _Counters:
+    """What the loop counts beside the engine, saved in every rank's checkpoint state."""
+
+    step: int = 0
+    skipped_nonfinite: int = 0  # fp32 steps dropped for non-finite gradients
+    grad_norm: float = float("nan")  # of the last step that computed it
+
+
+class Trainer:
+    """One rank's run. ``__init__`` builds the engine, the datasets and restores the
+    newest checkpoint; :meth:`run` steps to the end. The pieces: :meth:`train_step`,
+    :meth:`evaluate`, :meth:`save`, :meth:`restore`."""
+
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        import deepspeed  # noqa: F401 - first: it picks its accelerator when imported
+        import ray.train
+
+        self.cfg = cfg = Config.from_dict(loop_config["config"])
+        self.loop_config = loop_config
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.console = _console()
+        self.device = _device(cfg, loop_config.get("use_gpu", False))
+        self.on_gpu = self.device.type == "cuda"
+        self.precision = resolve_precision(cfg, self.on_gpu)
+        self.compile_mode = resolve_compile(cfg, self.on_gpu)
+        self.hooks: Sequence[TrainHooks] = loop_config.get("hooks", ())
+        local_dir = Path(loop_config["local_dir"])
+        self.info = RunInfo(self.rank, self.world, local_dir, loop_config.get("driver_pid"))
+        self.checkpointer = ckpt_io.Checkpointer(
+            loop_config["run_dir"],
+            loop_config["storage_options"],
+            rank=self.rank,
+            world_size=self.world,
+            local_rank=ctx.get_local_rank(),
+            zero_stage=cfg.train.zero_stage,
+            log=self._log0,
         )
-        meta = ckpt_io.verify_complete(cdir) if cdir is not None else None
-        universal = meta is not None and ckpt_io.needs_universal(meta, world, t.zero_stage)
-        model = _build_model(cfg, device)
-        compile_mode = resolve_compile(cfg, on_gpu)
-        if compile_mode is not None:  # traced on the first step, which reports its time
-            model.compile_blocks(mode=compile_mode)
-        ds_config = deepspeed_config(cfg, world, on_gpu=on_gpu)
-        if universal:
-            ds_config["checkpoint"] = {"load_universal": True}
-        engine, scheduler = ds.initialize(model, ds_config)
-        torch.manual_seed(t.seed + 1000 * (rank + 1))  # dropout stream of this rank
-        state: dict[str, Any] | None = None
-        if cdir is not None:
-            load_dir = cdir
+        self.count = _Counters()
+        self.window = _Window(torch.zeros((), dtype=torch.float64, device=self.device))
+        registered = ray.train.get_checkpoint()
+        state = self._build_engine(Path(registered.path).name if registered else None)
+        self.train_ds = self._dataset(
+            "train", global_batch_size=cfg.data.global_batch_size, seed=cfg.data.seed,
+            shuffle_window=cfg.data.shuffle_window,
+        )  # fmt: skip
+        if state is not None:
+            self.restore(state)
+        self.val_ds = self._dataset(
+            "validation",
+            global_batch_size=cfg.data.eval_batch_size or cfg.data.global_batch_size,
+            shuffle=False,
+        )
+        self.exporter = None
+        self.history = local_dir / "metrics.jsonl"
+        if self.rank == 0:
+            local_dir.mkdir(parents=True, exist_ok=True)
+            self.exporter = MetricsExporter(cfg.run.name, loop_config.get("tb_dir"))
+        self.digests = None
+        if cfg.train.record_batches:
+            self.digests = local_dir / "batches" / f"rank{self.rank}.jsonl"
+            self.digests.parent.mkdir(parents=True, exist_ok=True)
+        self.stopper = StopWatcher(loop_config.get("stop_flag"), self.world, self.device)
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _log0(self, line: str) -> None:
+        if self.rank == 0:
+            self.console.info(line)
+
+    def _build_engine(self, registered: str | None) -> dict[str, Any] | None:
+        """The model (compiled per ``model.compile``) and its DeepSpeed engine, restored
+        from the newest intact checkpoint; returns this rank's saved state (None on a
+        fresh start). ``registered``: the checkpoint Ray Train handed this worker."""
+        cfg = self.cfg
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(ckpt_io.weights_only_loads())  # DeepSpeed's loads included
+            found = self.checkpointer.find(stack, registered)
+            universal = self.checkpointer.needs_universal(found)
+            model = _build_model(cfg, self.device)
+            if self.compile_mode is not None:  # traced on the first step, which reports its time
+                model.compile_blocks(mode=self.compile_mode)
+            ds_config = deepspeed_config(cfg, self.world, on_gpu=self.on_gpu)
             if universal:
-                load_dir = _universal_copy(stack, cdir, restored, ctx.get_local_rank())
-                if rank == 0:
-                    console.info(
-                        f"[train] checkpoint of world size {meta['world_size']} (ZeRO stage "
-                        f"{meta.get('zero_stage', 0)}) resumed on {world} worker(s) (ZeRO stage "
-                        f"{t.zero_stage}) through DeepSpeed's universal format"
-                    )
-            load_path, _ = engine.load_checkpoint(
-                str(load_dir),
-                tag=ckpt_io.DS_TAG,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=True,
+                ds_config["checkpoint"] = {"load_universal": True}
+            self.engine, self.scheduler = ds.initialize(model, ds_config)
+            torch.manual_seed(cfg.train.seed + 1000 * (self.rank + 1))  # this rank's dropout
+            if found is None:
+                return None
+            self.resumed_from = found.url
+            return self.checkpointer.restore(stack, self.engine, found)
+
+    def _dataset(self, split: str, **kwargs: Any) -> Any:
+        """This rank's share of ``split``, whole batches of the global batch."""
+        from sparse_transformer.data import StreamingDataset
+
+        d, url = self.cfg.data, self.loop_config["data_url"]
+        ds_ = StreamingDataset(
+            url, split=split, rank=self.rank, world_size=self.world,
+            storage_options=d.storage_options or None, batched=True,
+            num_threads=d.num_threads, prefetch=d.prefetch, **kwargs,
+        )  # fmt: skip
+        if ds_.seq_len != self.cfg.seq_len:
+            raise ValueError(
+                f"data.seq_len: the dataset at {url} has samples of {ds_.seq_len} tokens, "
+                f"the config asks for {self.cfg.seq_len}"
             )
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed found no checkpoint under {load_dir}")
-            state = ckpt_io.load_rank_state(cdir, rank)
+        return ds_
 
-    url = loop_config["data_url"]
-    common = dict(
-        rank=rank,
-        world_size=world,
-        storage_options=d.storage_options or None,
-        batched=True,
-        num_threads=d.num_threads,
-        prefetch=d.prefetch,
-    )
-    train_ds = StreamingDataset(
-        url,
-        split="train",
-        global_batch_size=d.global_batch_size,
-        seed=d.seed,
-        shuffle_window=d.shuffle_window,
-        **common,
-    )
-    if train_ds.seq_len != cfg.seq_len:
-        raise ValueError(
-            f"data.seq_len: the dataset at {url} has samples of {train_ds.seq_len} tokens, "
-            f"the config asks for {cfg.seq_len}"
-        )
-
-    # -- restore ----------------------------------------------------------------------------
-    step = 0
-    skipped_nonfinite = 0  # fp32 steps dropped for non-finite gradients (saved in checkpoints)
-    if state is not None:
-        step = int(state["step"])
-        skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
-        train_ds.load_state_dict(state["data"])
-        if state.get("world_size") == world and state.get("rank") == rank:
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's rank state: the step, the data position, the
+        RNG streams and (rank 0) the open log window."""
+        step = self.count.step = int(state["step"])
+        self.count.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
+        self.train_ds.load_state_dict(state["data"])
+        if state.get("world_size") == self.world and state.get("rank") == self.rank:
             torch.set_rng_state(state["rng_cpu"])
-            if on_gpu and state.get("rng_cuda") is not None:
-                torch.cuda.set_rng_state(state["rng_cuda"], device)
+            if self.on_gpu and state.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         else:  # elastic restart with another world size: a fresh, deterministic stream
-            torch.manual_seed(t.seed + 1000 * (rank + 1) + step)
-        if rank == 0:
-            console.info(f"[train] resumed from step {step} ({restored})")
+            torch.manual_seed(self.cfg.train.seed + 1000 * (self.rank + 1) + step)
+        if self.rank == 0 and "loss_window" in state:
+            # a resumed run reports the loss an uninterrupted one does, on any world size
+            self.window.loss += state["loss_window"][0]
+            self.window.samples = int(state["loss_window"][1])
+        self._log0(f"[train] resumed from step {step} ({self.resumed_from})")
 
-    # -- fault injection (tests) --------------------------------------------------------------
-    marker = loop_config.get("fault_marker")
+    # -- the step -----------------------------------------------------------------------------
 
-    def maybe_fault(at: int) -> None:
-        if t.fault_step != at or rank != t.fault_rank or not marker or os.path.exists(marker):
-            return
-        Path(marker).parent.mkdir(parents=True, exist_ok=True)
-        Path(marker).write_text(f"fault injected at step {at} on rank {rank}\n")
-        if t.fault_target == "driver" and loop_config.get("driver_pid"):
-            import signal
-
-            os.kill(int(loop_config["driver_pid"]), signal.SIGKILL)
-            time.sleep(30)  # the whole local Ray instance goes down with the driver
-        os._exit(1)
-
-    local_dir = Path(loop_config["local_dir"])
-    exporter = _Exporter(cfg.run.name, loop_config.get("tb_dir")) if rank == 0 else None
-    history = local_dir / "metrics.jsonl"
-    if rank == 0:
-        local_dir.mkdir(parents=True, exist_ok=True)
-    digests = local_dir / "batches" / f"rank{rank}.jsonl" if t.record_batches else None
-    if digests is not None:
-        digests.parent.mkdir(parents=True, exist_ok=True)
-    val_ds = StreamingDataset(
-        url,
-        split="validation",
-        global_batch_size=d.eval_batch_size or d.global_batch_size,
-        shuffle=False,
-        **common,
-    )
-
-    def forward(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if compile_mode == "reduce-overhead":  # CUDA graphs: each forward is a new step
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compile_mode == "reduce-overhead":  # CUDA graphs: each forward is a new step
             torch.compiler.cudagraph_mark_step_begin()
-        return engine(x, y)
+        return self.engine(x, y)
 
-    @torch.no_grad()
-    def evaluate() -> float:
-        rng = torch.get_rng_state()  # evaluation must not move the training RNG
-        try:
-            return _evaluate()
-        finally:
-            torch.set_rng_state(rng)
-
-    def _evaluate() -> float:
-        engine.eval()
-        val_ds.reset()
-        batches = itertools.islice(val_ds.loader(), t.eval_batches or None)
-        total = evaluation.loss_sums(forward, batches, device)
-        engine.train()
-        return evaluation.bits_per_token(collectives.all_reduce(total))  # one read
-
-    def window_over_ranks() -> list[float]:
-        """[sum of the losses over samples, samples] of the open log window, all ranks."""
-        window = torch.stack([win_loss, win_loss.new_tensor(win_samples)])
-        return collectives.all_reduce(window).tolist()  # the one read of the window
-
-    def rank0_files(step: int) -> dict[str, Any]:
-        """What only rank 0 writes: meta.json, the redacted config, the fp32 model."""
-        model_state = None
-        if t.zero_stage < 3:
-            model_state = {
-                k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()
-            }
-        meta = ckpt_io.make_meta(
-            step=step,
-            world_size=world,
-            zero_stage=t.zero_stage,
-            precision=precision,
-            model=cfg.model.to_dict(),
-            data_url=url,
-        )
-        return {"meta": meta, "config_yaml": dump_yaml(cfg), "model_state": model_state}
-
-    def save(step: int, metrics: dict[str, Any]) -> None:
-        # the checkpoint carries the open window: a resumed run reports the loss an
-        # uninterrupted one does, on any world size (rank 0 carries it on)
-        window = window_over_ranks()
-        tmp = tempfile.mkdtemp(prefix=f"st-ckpt-{step:08d}-r{rank}-")
-        try:
-            ckpt_io.write(
-                tmp,
-                rank,
-                save_engine=lambda d: engine.save_checkpoint(
-                    d, tag=ckpt_io.DS_TAG, client_state={"step": step}
-                ),
-                rank_state={
-                    "step": step,
-                    "rank": rank,
-                    "world_size": world,
-                    "data": train_ds.state_dict(),
-                    "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state(device) if on_gpu else None,
-                    "skipped_nonfinite": skipped_nonfinite,
-                    "loss_window": window,
-                },
-                **(rank0_files(step) if rank == 0 else {}),
-            )
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    # -- the loop -----------------------------------------------------------------------------
-    micro = cfg.micro_batch_size(world)
-    loader_iter = iter(train_ds.loader(pin_memory=on_gpu))
-
-    def next_batch() -> torch.Tensor:
-        nonlocal loader_iter
-        # A DataLoader draws its base seed from the global RNG when an iterator starts;
-        # keep the dropout stream independent of when loaders (re)start, so a resumed
-        # run consumes exactly the random numbers the uninterrupted one does.
-        rng = torch.get_rng_state()
-        try:
-            return next(loader_iter)
-        except StopIteration:  # epoch over: the dataset has moved on to the next one
-            loader_iter = iter(train_ds.loader(pin_memory=on_gpu))
-            return next(loader_iter)
-        finally:
-            torch.set_rng_state(rng)
-
-    # the log window: the losses summed over samples stay on the device until they are read
-    win_loss = torch.zeros((), dtype=torch.float64, device=device)
-    win_samples = 0
-    if state is not None and rank == 0 and "loss_window" in state:
-        win_loss += state["loss_window"][0]
-        win_samples = int(state["loss_window"][1])
-    # DeepSpeed skips and counts fp16 overflows; fp32 with ZeRO 0 gets the same guard here.
-    guard = precision == "fp32" and t.zero_stage == 0
-    win_time = win_wait = 0.0
-    win_steps = 0
-    grad_norm = float("nan")
-    last_val: float | None = None
-    stopper = StopWatcher(loop_config.get("stop_flag"), world, device)
-    engine.train()
-    start = step
-    while step < t.steps:
-        maybe_fault(step)
-        t0 = time.perf_counter()
-        batch = next_batch()
-        wait = time.perf_counter() - t0
-        if digests is not None:
-            digest = hashlib.sha256(batch.numpy().tobytes()).hexdigest()[:16]
-            with open(digests, "a") as f:
-                f.write(json.dumps({"step": step, "rank": rank, "batch": digest}) + "\n")
-        # pinned on a GPU: the copy is queued behind the running step, the host goes on
-        batch = batch.to(device, non_blocking=True)
+    def train_step(self, batch: torch.Tensor, will_log: bool) -> bool:
+        """One optimizer step on this rank's ``batch`` (on the device), in ``grad_accum``
+        micro-batches; True when it was skipped for non-finite fp32 gradients (DeepSpeed
+        skips and counts fp16 overflows; fp32 at ZeRO 0 gets the same guard here)."""
+        t, step = self.cfg.train, self.count.step
+        micro = self.cfg.micro_batch_size(self.world)
         targets = evaluation.next_token_targets(batch)
-        will_log = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+        guard = self.precision == "fp32" and t.zero_stage == 0
         skip = False
         for i in range(t.grad_accum):
             x, y = batch[i * micro : (i + 1) * micro], targets[i * micro : (i + 1) * micro]
-            _, loss = forward(x, y)
-            win_loss += loss.detach() * len(x)  # a sum over samples: any world size
-            if step == t.fault_overflow_step:
-                loss = loss * float("inf")  # fault injection: gradients overflow, loss as is
-            engine.backward(loss)
+            _, loss = self.forward(x, y)
+            self.window.loss += loss.detach() * len(x)  # a sum over samples: any world size
+            for hook in self.hooks:
+                loss = hook.loss(self.info, step, loss)
+            ds.backward(self.engine, loss)
             if i + 1 == t.grad_accum and (guard or will_log):
-                grad_norm = ds.grad_norm(engine)  # the all-reduced gradients: same on every rank
-                skip = guard and not math.isfinite(grad_norm)
+                # the all-reduced gradients: the same on every rank
+                self.count.grad_norm = ds.grad_norm(self.engine)
+                skip = guard and not math.isfinite(self.count.grad_norm)
             if skip:
-                ds.step_without_update(engine)
+                ds.step_without_update(self.engine)
             else:
-                engine.step()
-        win_samples += t.grad_accum * micro
-        if skip:
-            skipped_nonfinite += 1
-            if rank == 0:
-                console.info(f"[train] step {step + 1}: non-finite gradients, step skipped")
-        step += 1
-        if step == start + 1 and rank == 0:
-            _report_first_step(console, device, t0, compile_mode is not None)
-        win_wait += wait
-        win_steps += 1
-        stopping = step < t.steps and stopper.should_stop()  # the same on every rank
+                self.engine.step()
+        self.window.samples += t.grad_accum * micro
+        return skip
 
-        metrics: dict[str, Any] | None = None
-        if will_log:
-            nats, count = window_over_ranks()
-            # step times are the host's; this one includes waiting for the device's queue
-            win_time += time.perf_counter() - t0
-            tokens = win_steps * d.global_batch_size * cfg.seq_len
-            metrics = {
-                "step": step,
-                "loss_bits": evaluation.bits_per_token([nats, count]),
-                "learning_rate": float(scheduler.get_last_lr()[0]) if scheduler else t.lr,
-                "loss_scale": ds.loss_scale(engine, precision),
-                "skipped_steps": ds.skipped_steps(engine) + skipped_nonfinite,
-                "grad_norm": grad_norm,
-                "tokens_per_second": tokens / max(win_time, 1e-9),
-                "samples_per_second": win_steps * d.global_batch_size / max(win_time, 1e-9),
-                "data_wait_fraction": win_wait / max(win_time, 1e-9),
-                "peak_memory_bytes": _peak_memory(device),
-            }
-            win_loss.zero_()
-            win_samples = 0
-            win_time = win_wait = 0.0
-            win_steps = 0
-        else:
-            win_time += time.perf_counter() - t0
-        do_eval = step == t.steps or (t.eval_every and step % t.eval_every == 0)
-        do_ckpt = (
-            step == t.steps or stopping or (t.checkpoint_every and step % t.checkpoint_every == 0)
-        )
-        if do_eval:
-            last_val = evaluate()
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """This rank's training batches, epoch after epoch (pinned on a GPU).
+
+        A DataLoader draws its base seed from the global RNG when an iterator starts;
+        the dropout stream is kept independent of when loaders (re)start, so a resumed
+        run consumes exactly the random numbers the uninterrupted one does.
+        """
+        it = iter(self.train_ds.loader(pin_memory=self.on_gpu))
+        while True:
+            rng = torch.get_rng_state()
+            try:
+                batch = next(it)
+            except StopIteration:  # epoch over: the dataset has moved on to the next one
+                it = iter(self.train_ds.loader(pin_memory=self.on_gpu))
+                batch = next(it)
+            finally:
+                torch.set_rng_state(rng)
+            yield batch
+
+    def _record(self, batch: torch.Tensor) -> None:
+        if self.digests is not None:
+            digest = hashlib.sha256(batch.numpy().tobytes()).hexdigest()[:16]
+            line = {"step": self.count.step, "rank": self.rank, "batch": digest}
+            with open(self.digests, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Step to ``train.steps`` (or a stop request), logging, evaluating and saving."""
+        t = self.cfg.train
+        start = self.count.step
+        batches = self._batches()
+        self.engine.train()
+        try:
+            while self.count.step < t.steps:
+                for hook in self.hooks:
+                    hook.before_step(self.info, self.count.step)
+                t0 = time.perf_counter()
+                batch = next(batches)
+                self.window.wait += time.perf_counter() - t0
+                self._record(batch)
+                # pinned on a GPU: the copy is queued behind the running step, the host goes on
+                batch = batch.to(self.device, non_blocking=True)
+                will_log = (
+                    self.count.step + 1
+                ) % t.log_every == 0 or self.count.step + 1 == t.steps
+                if self.train_step(batch, will_log):
+                    self.count.skipped_nonfinite += 1
+                    self._log0(
+                        f"[train] step {self.count.step + 1}: non-finite gradients, step skipped"
+                    )
+                self.count.step += 1
+                if self.count.step == start + 1:
+                    self._report_first_step(t0)
+                self.window.steps += 1
+                stopping = self.count.step < t.steps and self.stopper.should_stop()  # all ranks
+                if will_log:
+                    metrics: dict[str, Any] | None = self._window_metrics(t0)
+                else:
+                    metrics = None
+                    self.window.time += time.perf_counter() - t0
+                if not self._after_step(metrics, stopping):
+                    break
+        finally:
+            batches.close()
+            if self.exporter is not None:
+                self.exporter.close()
+
+    def _after_step(self, metrics: dict[str, Any] | None, stopping: bool) -> bool:
+        """Evaluate, publish, sample, save and report as the step asks; False to stop."""
+        t, step = self.cfg.train, self.count.step
+        if step == t.steps or (t.eval_every and step % t.eval_every == 0):
             metrics = metrics or {"step": step}
-            metrics["val_loss_bits"] = last_val
-        if metrics is not None and exporter is not None:
-            exporter.export(step, metrics)
-            with open(history, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if "loss_bits" in metrics:
-                console.info(_progress(step, t.steps, metrics))
-            if "val_loss_bits" in metrics:
-                console.info(f"[train] step {step}: validation {last_val:.4f} bits/byte")
-        if step == t.steps and rank == 0 and (launch := _attention_launch_configs()):
-            metrics = metrics or {"step": step}
-            metrics["attention_launch_configs"] = launch
-        if step == t.steps and t.sample_length > 0 and (rank == 0 or t.zero_stage == 3):
+            metrics["val_loss_bits"] = self.evaluate()
+        if metrics is not None:
+            self._publish(metrics)
+        if step == t.steps:
+            metrics = self._end_of_run(metrics)
+        if stopping:
+            metrics = {**(metrics or {"step": step}), "stopped": self.stopper.reason}
+            self._log0(f"[train] step {step}: stopping ({self.stopper.reason}), checkpointing")
+        if step == t.steps or stopping or (t.checkpoint_every and step % t.checkpoint_every == 0):
+            self.save(metrics or {"step": step})
+        elif metrics is not None:
+            import ray.train
+
+            ray.train.report(metrics)
+        return not stopping
+
+    def _window_metrics(self, t0: float) -> dict[str, Any]:
+        """The metrics of the log window that ends with this step; the window resets."""
+        nats, count = self.window.over_ranks()
+        w, d = self.window, self.cfg.data
+        w.time += time.perf_counter() - t0  # the host's time, waiting for the device's queue
+        elapsed = max(w.time, 1e-9)
+        metrics = {
+            "step": self.count.step,
+            "loss_bits": evaluation.bits_per_token([nats, count]),
+            "learning_rate": (
+                float(self.scheduler.get_last_lr()[0]) if self.scheduler else self.cfg.train.lr
+            ),
+            "loss_scale": ds.loss_scale(self.engine, self.precision),
+            "skipped_steps": ds.skipped_steps(self.engine) + self.count.skipped_nonfinite,
+            "grad_norm": self.count.grad_norm,
+            "tokens_per_second": w.steps * d.global_batch_size * self.cfg.seq_len / elapsed,
+            "samples_per_second": w.steps * d.global_batch_size / elapsed,
+            "data_wait_fraction": w.wait / elapsed,
+            "peak_memory_bytes": _peak_memory(self.device),
+        }
+        w.reset()
+        return metrics
+
+    def _publish(self, metrics: dict[str, Any]) -> None:
+        """Rank 0: gauges, TensorBoard, ``metrics.jsonl`` and the progress line."""
+        if self.exporter is None:
+            return
+        self.exporter.export(self.count.step, metrics)
+        with open(self.history, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if "loss_bits" in metrics:
+            self.console.info(_progress(self.count.step, self.cfg.train.steps, metrics))
+        if "val_loss_bits" in metrics:
+            self.console.info(
+                f"[train] step {self.count.step}: validation {metrics['val_loss_bits']:.4f} "
+                "bits/byte"
+            )
+
+    def _end_of_run(self, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The last step's extras: the attention launch configs and a sample (rank 0)."""
+        t, step = self.cfg.train, self.count.step
+        if self.rank == 0 and (launch := _attention_launch_configs()):
+            metrics = {**(metrics or {"step": step}), "attention_launch_configs": launch}
+        if t.sample_length > 0 and (self.rank == 0 or t.zero_stage == 3):
             # ZeRO-3 gathers parameters collectively in every forward: all ranks run the
             # same (seeded, hence identical) decoding in lockstep; rank 0 keeps the text.
             text = evaluation.sample_text(
-                engine.module, t.sample_prompt, t.sample_length, seed=t.seed, device=device,
-                top_p=0.9,
+                self.engine.module, t.sample_prompt, t.sample_length, seed=t.seed,
+                device=self.device, top_p=0.9,
             )  # fmt: skip
-            if rank == 0:
-                metrics = metrics or {"step": step}
-                metrics["sample"] = text
-        if stopping:
-            metrics = {**(metrics or {"step": step}), "stopped": stopper.reason}
-            if rank == 0:
-                console.info(f"[train] step {step}: stopping ({stopper.reason}), checkpointing")
-        if do_ckpt:
-            save(step, metrics or {"step": step})
-        elif metrics is not None:
-            ray.train.report(metrics)
-        if stopping:
-            break
-    if exporter is not None:
-        exporter.close()
-    del loader_iter
+            if self.rank == 0:
+                metrics = {**(metrics or {"step": step}), "sample": text}
+        return metrics
 
+    def _report_first_step(self, t0: float) -> None:
+        """Rank 0 logs the first step's time (one device sync): it compiles the blocks
+        and tunes the attention kernels, so it is the compile time a run pays."""
+        if self.rank != 0:
+            return
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
+        compiled = self.compile_mode is not None
+        what = "compiling the blocks and tuning the kernels" if compiled else "warm-up"
+        self.console.info(f"[train] first step: {time.perf_counter() - t0:.1f} s ({what} included)")
 
-def _report_first_step(
-    console: logging.Logger, device: torch.device, t0: float, compiled: bool
-) -> None:
-    """Log the first step's time (one device sync): it compiles the blocks and tunes
-    the attention kernels, so it is the compile time a run pays."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    what = "compiling the blocks and tuning the kernels" if compiled else "warm-up"
-    console.info(f"[train] first step: {time.perf_counter() - t0:.1f} s ({what} included)")
+    # -- evaluation and checkpoints -----------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Validation bits per token over ``train.eval_batches`` batches of every rank
+        (one host read); the training RNG does not move."""
+        rng = torch.get_rng_state()
+        self.engine.eval()
+        try:
+            self.val_ds.reset()
+            batches = itertools.islice(self.val_ds.loader(), self.cfg.train.eval_batches or None)
+            total = evaluation.loss_sums(self.forward, batches, self.device)
+        finally:
+            self.engine.train()
+            torch.set_rng_state(rng)
+        return evaluation.bits_per_token(collectives.all_reduce(total))
+
+    def save(self, metrics: dict[str, Any]) -> None:
+        """Checkpoint this step (collective: every rank calls it) and report it to Ray
+        with ``metrics``. The open log window goes in too, so a resumed run reports the
+        loss an uninterrupted one does."""
+        import ray.train
+
+        step = self.count.step
+        rank_state = {
+            "step": step,
+            "rank": self.rank,
+            "world_size": self.world,
+            "data": self.train_ds.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(self.device) if self.on_gpu else None,
+            "skipped_nonfinite": self.count.skipped_nonfinite,
+            "loss_window": self.window.over_ranks(),
+        }
+        with self.checkpointer.save(step, self.engine, rank_state, self._rank0_files) as d:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(d)))
+
+    def _rank0_files(self) -> dict[str, Any]:
+        """What only rank 0 writes: meta.json, the redacted config, the fp32 model."""
+        t = self.cfg.train
+        model_state = None
+        if t.zero_stage < 3:
+            module = self.engine.module
+            model_state = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+        meta = ckpt_io.make_meta(
+            step=self.count.step, world_size=self.world, zero_stage=t.zero_stage,
+            precision=self.precision, model=self.cfg.model.to_dict(),
+            data_url=self.loop_config["data_url"],
+        )  # fmt: skip
+        return {"meta": meta, "config_yaml": dump_yaml(self.cfg), "model_state": model_state}
 
 
 def _attention_launch_configs() -> dict[str, list[str]] | None:

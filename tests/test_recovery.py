@@ -1,11 +1,12 @@
 """Automatic recovery is exact: CPU, 2 Ray Train workers, DeepSpeed fp32, deterministic.
 
-1. A worker process dies mid-run (``os._exit(1)`` on rank 1 at step 13, injected by
-   ``train.fault_step``/``train.fault_rank``); Ray Train restarts the group
+1. A worker process dies mid-run (``os._exit(1)`` on rank 1 at step 13, injected by the
+   test's ``KillAt`` hook); Ray Train restarts the group
    (``run.max_failures=1``) from the step-8 checkpoint.
-2. The driver is killed mid-run (SIGKILL from rank 0 at step 13, ``train.fault_target=
-   driver``); the same command, relaunched with the same name and storage, resumes, and
-   each of its progress lines reaches the driver's output once.
+2. The driver is killed mid-run (SIGKILL from rank 0 at step 13, ``KillAt(target=
+   "driver")``, installed by a driver script); the ``train`` command, relaunched with the
+   same name and storage, resumes, and each of its progress lines reaches the driver's
+   output once.
 
 3. A worker dies right after a checkpoint was reported, before Ray Train registered it:
    the group resumes from that checkpoint (the newest complete one in the run folder).
@@ -27,6 +28,7 @@ import pytest
 import torch
 import yaml
 
+from sparse_transformer.benchmarks.faults import KillAt
 from tests.test_train import (
     consumed,
     final_weights,
@@ -70,8 +72,8 @@ def test_killed_worker_recovers_bitwise(
 ) -> None:
     from sparse_transformer.distributed.trainer import run_training
 
-    cfg = small_config(tmp_path, small_dataset, "faulty", fault_step=FAULT_STEP, fault_rank=1)
-    summary = run_training(cfg, verbose=False)
+    cfg = small_config(tmp_path, small_dataset, "faulty")
+    summary = run_training(cfg, verbose=False, hooks=[KillAt(FAULT_STEP, rank=1)])
     run_dir = tmp_path / "faulty"
     assert (run_dir / ".fault-injected").read_text().startswith("fault injected at step 13")
     batches, n_read = consumed(run_dir)
@@ -96,8 +98,8 @@ def test_worker_killed_right_after_a_checkpoint_resumes_from_it(
 
     from sparse_transformer.distributed.trainer import run_training
 
-    cfg = small_config(tmp_path, small_dataset, "late", fault_step=16, fault_rank=1)
-    summary = run_training(cfg, verbose=False)
+    cfg = small_config(tmp_path, small_dataset, "late")
+    summary = run_training(cfg, verbose=False, hooks=[KillAt(16, rank=1)])
     run_dir = tmp_path / "late"
     assert (run_dir / ".fault-injected").read_text().startswith("fault injected at step 16")
     history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -154,11 +156,18 @@ def test_killed_driver_relaunch_resumes_bitwise(
 ) -> None:
     from sparse_transformer.distributed.checkpoint import latest_checkpoint, verify_complete
 
-    doc = small_config_doc(tmp_path, small_dataset, "job", fault_step=FAULT_STEP, fault_rank=0)
-    doc["train"]["fault_target"] = "driver"
+    doc = small_config_doc(tmp_path, small_dataset, "job")
     doc["train"]["sample_length"] = 0
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(doc))
+    # the first launch: a driver script that installs the fault hook, as a test must
+    faulty = (
+        "from sparse_transformer.benchmarks.faults import KillAt\n"
+        "from sparse_transformer.distributed.config import load_config\n"
+        "from sparse_transformer.distributed.trainer import run_training\n"
+        f"run_training(load_config({str(config)!r}), "
+        f"hooks=[KillAt({FAULT_STEP}, rank=0, target='driver')])\n"
+    )
     env = {
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -166,7 +175,9 @@ def test_killed_driver_relaunch_resumes_bitwise(
         "RAY_DEDUP_LOGS": "0",  # Ray would fold repeated lines; show each one as written
     }
     cmd = [sys.executable, "-m", "sparse_transformer", "train", "--config", str(config)]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        [sys.executable, "-c", faulty], env=env, capture_output=True, text=True, timeout=300
+    )
     assert first.returncode == -9, first.stdout[-3000:] + first.stderr[-3000:]  # SIGKILL
     run_dir = tmp_path / "job"
     assert (run_dir / ".fault-injected").exists()

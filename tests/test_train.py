@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from sparse_transformer.benchmarks.faults import KillAt, OverflowAt
 from sparse_transformer.cli import main
 from sparse_transformer.distributed.config import Config
 
@@ -172,9 +173,9 @@ def test_two_workers_train_resume_eval_sample(
     from sparse_transformer.distributed.checkpoint import verify_complete
     from sparse_transformer.distributed.trainer import run_training
 
-    cfg = small_config(tmp_path, small_dataset, "run", steps=16, fault_overflow_step=5)
+    cfg = small_config(tmp_path, small_dataset, "run", steps=16)
     cfg.run.storage_options = {"endpoint_url": "http://127.0.0.1:1", "secret": "hunter2-xyz"}
-    summary = run_training(cfg, verbose=False)
+    summary = run_training(cfg, verbose=False, hooks=[OverflowAt(5)])
     run_dir = tmp_path / "run"
     h = history(run_dir)
     losses = [m["loss_bits"] for m in h if "loss_bits" in m]
@@ -353,8 +354,8 @@ def test_zero3_trains_the_zero2_model_and_recovers_exactly(
     from sparse_transformer.distributed.checkpoint import MODEL_FILE
     from sparse_transformer.distributed.trainer import run_training
 
-    cfg = no_dropout(tmp_path, small_dataset, "zero3", 8, zero_stage=3, fault_step=6)
-    summary = run_training(cfg, verbose=False)
+    cfg = no_dropout(tmp_path, small_dataset, "zero3", 8, zero_stage=3)
+    summary = run_training(cfg, verbose=False, hooks=[KillAt(6, rank=1)])
     assert Path(summary.run_dir, ".fault-injected").exists()
     assert summary.metrics["step"] == 8 and summary.metrics["sample"].startswith("The ")
     assert_same_weights(summary.checkpoint, zero2_run.checkpoint)
@@ -384,13 +385,12 @@ def test_elastic_group_starts_with_what_fits_and_resumes_on_more_workers(
     from sparse_transformer.distributed.trainer import build_trainer, run_training
 
     cfg = no_dropout(tmp_path, small_dataset, "elastic", 8, zero_stage=2)
-    cfg.train.fault_step, cfg.train.fault_rank = 6, 0
     cfg.run.max_failures = 0
     cfg.scaling.min_workers, cfg.scaling.num_workers = 1, 2
     cfg.scaling.cpus_per_worker = 2.0
     assert build_trainer(cfg).scaling_config.num_workers == (1, 2)
     with pytest.raises(Exception, match="rank 0"):
-        run_training(cfg, verbose=False)
+        run_training(cfg, verbose=False, hooks=[KillAt(6, rank=0)])
     at6 = checkpoint_at(str(tmp_path / "elastic"), 6)
     assert json.loads((at6 / META_FILE).read_text())["world_size"] == 1
     assert_same_weights(at6, checkpoint_at(zero2_run.run_dir, 6))
