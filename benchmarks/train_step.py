@@ -10,7 +10,12 @@ music-1m; every row side by side in one run:
 
 each ``eager`` and ``compiled`` (``SparseTransformer.compile_blocks``). Then the same
 step through Ray Train + DeepSpeed (fp16, dynamic loss scaling, Adam, ZeRO 1, compiled):
-a real training run of a few dozen steps on text prepared from this repository.
+a real training run of a few dozen steps on text prepared from this repository; and
+the whole step through the trainer's DeepSpeed engine in one process, without Ray
+(``deepspeed``: fp16 weights in DeepSpeed's fp16 optimizer at ``--zero-stage``;
+``deepspeed-cudagraphs``: the same with the blocks replayed as CUDA graphs;
+``deepspeed-autocast``: fp32 weights under DeepSpeed's ``torch_autocast`` at ZeRO 0),
+which tells what DeepSpeed's step adds to the bare one and what Ray adds to that.
 
     python -m sparse_transformer.benchmarks.train_step --json benchmarks/results/train_step.json
 
@@ -192,8 +197,11 @@ def _timed_row(name: str, attention: str, mode: str, model, step, device, reps: 
     return row
 
 
-def _deepspeed_engine(name: str, model, cpu: bool, zero_stage: int):
-    """A one-process DeepSpeed engine with the trainer's own DeepSpeed config."""
+def _deepspeed_engine(name: str, model, cpu: bool, zero_stage: int, autocast: bool = False):
+    """A one-process DeepSpeed engine with the trainer's own DeepSpeed config; with
+    ``autocast``, fp32 weights under DeepSpeed's ``torch_autocast`` (fp16) instead of its
+    fp16 optimizer wrapper: the optimizer steps the fp32 weights directly, and torch's
+    GradScaler scales the loss and checks the gradients with multi-tensor kernels."""
     import socket
 
     from sparse_transformer.distributed import deepspeed_adapter
@@ -215,7 +223,11 @@ def _deepspeed_engine(name: str, model, cpu: bool, zero_stage: int):
         env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0"}
         os.environ.update({**env, "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         torch.distributed.init_process_group("gloo" if cpu else "nccl", rank=0, world_size=1)
-    engine, _ = deepspeed_adapter.initialize(model, deepspeed_config(cfg, 1, on_gpu=not cpu))
+    config = deepspeed_config(cfg, 1, on_gpu=not cpu)
+    if autocast:
+        config["fp16"] = {"enabled": False}
+        config["torch_autocast"] = {"enabled": True, "dtype": "float16"}
+    engine, _ = deepspeed_adapter.initialize(model, config)
     return engine
 
 
@@ -229,9 +241,13 @@ def measure_deepspeed(
     cpu = device.type == "cpu"
     model = build(name, "sparse", device, torch.float32)
     graphs = mode == "deepspeed-cudagraphs"
+    autocast = mode == "deepspeed-autocast"
+    zero_stage = 0 if autocast else zero_stage  # its lean path: no ZeRO optimizer wrapper
     if zero_stage < 3:  # ZeRO 3's parameter hooks and compiled blocks do not mix
         model.compile_blocks(mode="reduce-overhead" if graphs else "default")
-    engine = _deepspeed_engine(name, model, cpu, zero_stage)
+    engine = _deepspeed_engine(name, model, cpu, zero_stage, autocast)
+    from sparse_transformer.distributed import deepspeed_adapter
+
     cfg = model.config
     batch = torch.randint(0, cfg.vocab_size, (CONFIGS[name]["batch"], cfg.n_ctx), device=device)
     targets = batch.roll(-1, dims=1)
@@ -240,7 +256,7 @@ def measure_deepspeed(
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         _, loss = engine(batch, targets)
-        engine.backward(loss)
+        deepspeed_adapter.backward(engine, loss)  # the trainer's backward (loss scaling)
         engine.step()
 
     row = _timed_row(name, "sparse", mode, model, step, device, reps)
@@ -288,6 +304,7 @@ def plan(configs: list[str], ray_configs: list[str], cpu: bool) -> list[tuple]:
     rows = [row for name in first for row in bare(name)]
     rows += [("ray", name, "sparse", "ray-deepspeed", {}) for name in ray_configs]
     rows += [("deepspeed", name, "sparse", "deepspeed", {}) for name in ray_configs]
+    rows += [("deepspeed", name, "sparse", "deepspeed-autocast", {}) for name in ray_configs]
     if "cifar10" in ray_configs and not cpu:  # CUDA graphs inside DeepSpeed's step
         rows.append(("deepspeed", "cifar10", "sparse", "deepspeed-cudagraphs", {}))
     rows += [row for name in configs if name not in first for row in bare(name)]

@@ -12,7 +12,11 @@ installed (pinned) DeepSpeed, so an upgrade that moves one fails a test instead 
   fp16 optimizer wrapper (``FP16_Optimizer``, ``FP16_UnfusedOptimizer``, the ZeRO 1/2
   and ZeRO 3 optimizers);
 - ``engine.optimizer.step`` is looked up on the instance, so an instance attribute can
-  stand in for it during one ``engine.step()`` (:func:`step_without_update`).
+  stand in for it during one ``engine.step()`` (:func:`step_without_update`);
+- ``engine.backward`` scales the loss only for a ZeRO optimizer (or torch autocast's
+  grad scaler), not for ``FP16_Optimizer``, DeepSpeed's fp16 wrapper at ZeRO stage 0,
+  which still divides the gradients by the loss scale in ``step``: :func:`backward`
+  scales the loss itself there.
 """
 
 from __future__ import annotations
@@ -30,6 +34,29 @@ def initialize(model: torch.nn.Module, ds_config: dict[str, Any]) -> tuple[Any, 
         model=model, model_parameters=model.parameters(), config=ds_config
     )
     return engine, scheduler
+
+
+def _scales_the_loss(engine: Any) -> bool:
+    """Whether ``engine.backward`` multiplies the loss by the loss scale itself."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    if not engine.fp16_enabled() or isinstance(engine.optimizer, ZeROOptimizer):
+        return True
+    return getattr(engine, "torch_autocast_z0_gradscaler", None) is not None
+
+
+def backward(engine: Any, loss: torch.Tensor) -> None:
+    """``engine.backward(loss)`` with the loss scaled under fp16 at every ZeRO stage.
+
+    DeepSpeed 0.19.8 scales the loss in ``engine.backward`` for its ZeRO optimizers only;
+    at stage 0 its ``FP16_Optimizer`` then divides unscaled gradients by the loss scale
+    (updates 65,536 times too small, fp16 gradients underflowing, clipping never
+    applied). There the loss is multiplied by the current scale here, which is what the
+    ZeRO optimizers do (``scale_if_loss``) and what ``FP16_Optimizer.backward`` does.
+    """
+    if not _scales_the_loss(engine):
+        loss = loss.float() * engine.optimizer.loss_scale
+    engine.backward(loss)
 
 
 def step_without_update(engine: Any) -> None:
@@ -82,6 +109,7 @@ def skipped_steps(engine: Any) -> int:
 
 
 __all__ = [
+    "backward",
     "grad_norm",
     "initialize",
     "loss_scale",
