@@ -302,11 +302,11 @@ def plan(configs: list[str], ray_configs: list[str], cpu: bool) -> list[tuple]:
 
     first = [c for c in configs if c in ("enwik8", "cifar10", "tiny")]
     rows = [row for name in first for row in bare(name)]
-    rows += [("ray", name, "sparse", "ray-deepspeed", {}) for name in ray_configs]
     rows += [("deepspeed", name, "sparse", "deepspeed", {}) for name in ray_configs]
     rows += [("deepspeed", name, "sparse", "deepspeed-autocast", {}) for name in ray_configs]
     if "cifar10" in ray_configs and not cpu:  # CUDA graphs inside DeepSpeed's step
         rows.append(("deepspeed", "cifar10", "sparse", "deepspeed-cudagraphs", {}))
+    rows += [("ray", name, "sparse", "ray-deepspeed", {}) for name in ray_configs]
     rows += [row for name in configs if name not in first for row in bare(name)]
     for name in ("music-1m", "enwik8"):  # what recomputation saves, and costs
         if name in configs:

@@ -35,6 +35,10 @@ def test_the_gpu_plan_puts_the_headline_rows_first() -> None:
         for a in ("sparse", "dense-sdpa")
         for m in ("eager", "compiled")
     ]
-    assert ("ray", "enwik8", "sparse", "ray-deepspeed", {}) in rows[:10]
+    ray = rows.index(("ray", "enwik8", "sparse", "ray-deepspeed", {}))
+    assert rows[ray - 2 : ray] == [
+        ("deepspeed", "enwik8", "sparse", mode, {}) for mode in ("deepspeed", "deepspeed-autocast")
+    ]
+    assert ray < min(i for i, r in enumerate(rows) if r[1].startswith("music"))
     assert not any(r[1] == "music-1m" and r[2] == "dense-sdpa" for r in rows)  # n^2 at 1M
     assert rows[-1] == ("bare", "cifar10", "sparse", "cudagraphs", {})
