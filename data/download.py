@@ -3,8 +3,11 @@
 ``download()`` fetches an http(s) URL into the cache (``$SPARSE_TRANSFORMER_CACHE``
 or ``~/.cache/sparse-transformer``), streaming to a temporary name, verifying the
 expected md5/sha256 and renaming into place only when it matches, so a cached
-file is always complete. ``fetch_wiki_sample()`` gets the Wikipedia XML sample
-that ships inside the gensim 4.4.0 wheel on PyPI, through ``pip download``.
+file is always complete. The requests go through urllib3 (and the proxy the
+environment names, as urllib would), which retries them as a
+:class:`~sparse_transformer.data.retry.RetryPolicy` says. ``fetch_wiki_sample()`` gets
+the Wikipedia XML sample that ships inside the gensim 4.4.0 wheel on PyPI, through
+``pip download``.
 """
 
 from __future__ import annotations
@@ -13,17 +16,24 @@ import bz2
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
 
-from sparse_transformer.data.errors import ChecksumMismatchError, DownloadError
-from sparse_transformer.data.retry import RetryPolicy, retry_call
+import urllib3
+from urllib3.exceptions import MaxRetryError, ProtocolError, ReadTimeoutError
+from urllib3.util.retry import Retry
+
+from sparse_transformer.data.errors import (
+    ChecksumMismatchError,
+    DownloadError,
+    RetriesExhaustedError,
+)
+from sparse_transformer.data.retry import RetryPolicy
 from sparse_transformer.data.storage import replacing
 
 log = logging.getLogger("sparse_transformer.data")
@@ -93,9 +103,10 @@ def download(
 ) -> Path:
     """Download ``url`` to ``dest`` unless a verified copy is there already.
 
-    Connection errors, timeouts and HTTP 5xx/429 are retried with backoff;
-    HTTP 4xx raises :class:`DownloadError`; a digest mismatch raises
-    :class:`ChecksumMismatchError` and leaves nothing at ``dest``.
+    Connection errors, timeouts, HTTP 408/429/5xx and a body cut short are retried as
+    ``policy`` says (default :class:`RetryPolicy`), then raise
+    :class:`RetriesExhaustedError`; other HTTP 4xx raise :class:`DownloadError` at once;
+    a digest mismatch raises :class:`ChecksumMismatchError` and leaves nothing at ``dest``.
     """
     dest = Path(dest)
     if dest.exists():
@@ -106,27 +117,16 @@ def download(
             log.warning("%s: cached copy does not verify; downloading again", dest)
             dest.unlink()
 
-    def attempt(tmp: Path) -> None:
-        request = urllib.request.Request(url, headers={"User-Agent": "sparse-transformer"})
-        try:
-            with (
-                urllib.request.urlopen(request, timeout=timeout_s) as response,
-                open(tmp, "wb") as f,
-            ):
-                shutil.copyfileobj(response, f, 1 << 20)
-                expected_len = response.headers.get("Content-Length")
-        except urllib.error.HTTPError as e:
-            if e.code >= 500 or e.code in (408, 429):
-                raise
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
-        if expected_len is not None and os.path.getsize(tmp) != int(expected_len):
-            raise ConnectionError(
-                f"{url}: connection closed after {os.path.getsize(tmp)} of {expected_len} bytes"
-            )
-
+    policy = policy or RetryPolicy()
     log.info("downloading %s -> %s", url, dest)
     with replacing(dest, fsync=False) as tmp:
-        retry_call(lambda: attempt(tmp), what=f"download {url}", policy=policy)
+        try:
+            _get(url, tmp, policy.http_retry(f"download {url}"), timeout_s)
+        except MaxRetryError as e:
+            raise RetriesExhaustedError(
+                f"download {url}: giving up after {policy.max_attempts} attempts; "
+                f"last error: {e.reason}"
+            ) from e
         try:
             verify_file(tmp, sha256=sha256, md5=md5, size=size)
         except ChecksumMismatchError as e:
@@ -136,6 +136,52 @@ def download(
             "%s: no published checksum to verify against; its sha256 is %s", url, file_digest(dest)
         )
     return dest
+
+
+def _pool(url: str) -> urllib3.PoolManager:
+    """A connection pool for ``url``: through the proxy the environment names for its
+    scheme (``https_proxy``, ``no_proxy``, ...), as urllib does, else direct."""
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.netloc):
+        return urllib3.ProxyManager(proxy)
+    return urllib3.PoolManager()
+
+
+def _get(url: str, path: Path, retries: Retry, timeout_s: float) -> None:
+    """GET ``url`` into ``path``; ``MaxRetryError`` once ``retries`` are spent.
+
+    urllib3 retries what fails before it hands the response over: connection errors,
+    timeouts, HTTP 408/429/5xx. A body cut short fails later, while it is streamed to
+    ``path``, where urllib3 can no longer retry it: this loop is the one retry urllib3
+    cannot do. It starts the GET again, counted against the same ``Retry`` (``increment``
+    then ``sleep``, as urllib3 does between its own attempts).
+    """
+    http = _pool(url)
+    headers = {"User-Agent": "sparse-transformer"}
+    while True:
+        response = http.request(
+            "GET",
+            url,
+            headers=headers,
+            retries=retries,
+            timeout=timeout_s,
+            preload_content=False,
+            decode_content=False,
+        )
+        try:
+            if response.status >= 400:
+                raise DownloadError(f"{url}: HTTP {response.status} {response.reason}")
+            with open(path, "wb") as f:
+                # urllib3 raises ProtocolError when fewer bytes come than Content-Length says.
+                for block in response.stream(1 << 20, decode_content=False):
+                    f.write(block)
+            return
+        except (ProtocolError, ReadTimeoutError) as e:
+            retries = (response.retries or retries).increment("GET", url, error=e)
+        finally:
+            response.release_conn()
+        retries.sleep()
 
 
 def extract_wiki_sample(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:

@@ -16,7 +16,7 @@ class MalformedSourceError(DataError):
 
 
 class DownloadError(DataError):
-    """A download failed permanently (HTTP 4xx, or retries exhausted)."""
+    """A download failed for good (HTTP 4xx, an unreadable archive, pip download failing)."""
 
 
 class ChecksumMismatchError(DataError):
@@ -36,4 +36,4 @@ class ManifestError(DataError):
 
 
 class RetriesExhaustedError(DataError):
-    """A transient failure persisted past the retry budget (attempts or time)."""
+    """A transient failure outlasted the storage client's retries (``RetryPolicy.max_attempts``)."""

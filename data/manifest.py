@@ -16,6 +16,7 @@ from typing import Any
 
 from sparse_transformer.data import storage
 from sparse_transformer.data.errors import ChecksumMismatchError, ManifestError, MissingShardError
+from sparse_transformer.data.retry import RetryPolicy, giving_up
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sparse-transformer-shards"
@@ -149,19 +150,19 @@ def manifest_url(url: str) -> str:
 
 
 def load_manifest(
-    url: str, storage_options: dict[str, Any] | None = None, retry: Any = None
+    url: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None
 ) -> Manifest:
     """Read the manifest of the dataset at ``url`` (a directory or the manifest itself).
 
-    Transient storage failures are retried (``retry``: a :class:`RetryPolicy`); a missing manifest
-    raises :class:`ManifestError`, which says the dataset was never completed.
+    The storage client retries transient failures as ``retry`` says (default
+    :class:`RetryPolicy`; see :mod:`retry`); a missing manifest raises :class:`ManifestError`,
+    which says the dataset was never completed.
     """
-    from sparse_transformer.data.retry import retry_call
-
     url = manifest_url(url)
-    fs, path = storage.filesystem(url, storage_options)
+    fs, path = storage.filesystem(url, storage_options, retry or RetryPolicy())
     try:
-        text = retry_call(lambda: fs.cat_file(path), what=f"manifest {url}", policy=retry)
+        with giving_up(f"manifest {url}"):
+            text = fs.cat_file(path)
     except FileNotFoundError:
         raise ManifestError(
             f"{url}: no manifest (the dataset does not exist or its preparation did not finish)"

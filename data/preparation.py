@@ -20,7 +20,7 @@ from typing import Any
 from sparse_transformer.data import storage
 from sparse_transformer.data.errors import MalformedSourceError
 from sparse_transformer.data.manifest import MANIFEST_NAME, Manifest, ShardInfo, SplitInfo
-from sparse_transformer.data.retry import retry_call
+from sparse_transformer.data.retry import RetryPolicy, giving_up
 from sparse_transformer.data.shards import DEFAULT_SHARD_BYTES, SplitWriter, samples_per_shard
 from sparse_transformer.data.sources import get_source
 from sparse_transformer.data.sources.base import SPLITS
@@ -90,15 +90,16 @@ def prepare(
         log.warning(
             "%s: sequence length is fixed at %d (ignoring %d)", source, data.seq_len, seq_len
         )
-    fs, root = storage.filesystem(out, storage_options)
+    fs, root = storage.filesystem(out, storage_options, RetryPolicy())
     manifest_path = storage.join(root, MANIFEST_NAME)
     written: list[str] = []
     try:
         with data:
-            retry_call(lambda: fs.makedirs(root, exist_ok=True), what=f"create {out}")
-            if retry_call(lambda: fs.exists(manifest_path), what=f"check {out}"):
-                log.info("%s: removing the previous manifest before rewriting", out)
-                retry_call(lambda: fs.rm_file(manifest_path), what=f"remove old manifest in {out}")
+            with giving_up(f"create {out}"):
+                fs.makedirs(root, exist_ok=True)
+                if fs.exists(manifest_path):
+                    log.info("%s: removing the previous manifest before rewriting", out)
+                    fs.rm_file(manifest_path)
             split_infos: dict[str, SplitInfo] = {}
             per_shard = samples_per_shard(data.seq_len, shard_bytes)
             for split in splits:
@@ -142,11 +143,8 @@ def prepare(
                 created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 extra={"samples_per_shard": per_shard, "shard_bytes": shard_bytes},
             )
-            text = manifest.to_json().encode()
-            retry_call(
-                lambda: storage.write_atomic(fs, manifest_path, text),
-                what=f"write manifest {out}",
-            )
+            with giving_up(f"write manifest {out}"):
+                storage.write_atomic(fs, manifest_path, manifest.to_json().encode())
     except BaseException:
         for p in written:
             storage.remove_quietly(fs, p)
@@ -170,9 +168,11 @@ def _existing(out: str, storage_options: dict[str, Any] | None) -> Manifest | No
     """
     from sparse_transformer.data.manifest import load_manifest
 
-    fs, root = storage.filesystem(out, storage_options)
+    fs, root = storage.filesystem(out, storage_options, RetryPolicy())
     path = storage.join(root, MANIFEST_NAME)
-    if not retry_call(lambda: fs.exists(path), what=f"check {out}"):
+    with giving_up(f"check {out}"):
+        exists = fs.exists(path)
+    if not exists:
         return None
     return load_manifest(out, storage_options)
 

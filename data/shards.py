@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from sparse_transformer.data import storage
 from sparse_transformer.data.errors import CorruptShardError
 from sparse_transformer.data.manifest import ShardInfo, SplitInfo
-from sparse_transformer.data.retry import retry_call
+from sparse_transformer.data.retry import giving_up
 
 COLUMN = "tokens"
 DEFAULT_SHARD_BYTES = 64 << 20
@@ -172,7 +172,8 @@ class SplitWriter:
         data = encode_shard(samples, compression=self.compression, metadata=meta)
         path = storage.join(self.root, rel)
         self.written.append(path)
-        retry_call(lambda: storage.write_atomic(self.fs, path, data), what=f"write shard {path}")
+        with giving_up(f"write shard {path}"):
+            storage.write_atomic(self.fs, path, data)
         info = ShardInfo(
             path=rel, num_samples=len(samples), num_bytes=len(data), sha256=sha256_bytes(data)
         )

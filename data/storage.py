@@ -3,9 +3,11 @@
 One place decides how a URL becomes a filesystem: S3-compatible endpoints come
 from ``storage_options`` (``endpoint_url``, ``key``, ``secret``) or from the
 environment (``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``); credentials are never logged. Writes of whole
-objects are atomic: local files are written under a temporary name and renamed,
-object stores publish a PUT only when it completes.
+``AWS_SECRET_ACCESS_KEY``); credentials are never logged. S3 clients get their
+timeouts here and their retries from a :class:`~sparse_transformer.data.retry.RetryPolicy`
+(botocore does the retrying; see :mod:`retry`). Writes of whole objects are atomic:
+local files are written under a temporary name and renamed, object stores publish a
+PUT only when it completes.
 """
 
 from __future__ import annotations
@@ -21,13 +23,11 @@ from typing import Any
 import fsspec
 from fsspec.core import split_protocol
 
-# Timeouts and inner retry counts for S3: our own retry layer (retry.py) owns
-# the backoff, so the client's built-in retries are kept short.
-_S3_DEFAULT_CONFIG = {
-    "connect_timeout": 5,
-    "read_timeout": 60,
-    "retries": {"max_attempts": 2, "mode": "standard"},
-}
+from sparse_transformer.data.retry import FAIL_FAST, RetryPolicy, log_s3_retries
+
+S3_PROTOCOLS = ("s3", "s3a")
+# Per attempt; the attempts come from the RetryPolicy.
+_S3_TIMEOUTS = {"connect_timeout": 5, "read_timeout": 60}
 
 
 def normalize_url(url: str) -> str:
@@ -38,11 +38,15 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def storage_options_for(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The fsspec options for ``url``: the caller's, plus S3 endpoint defaults from the env."""
+def storage_options_for(
+    url: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None
+) -> dict[str, Any]:
+    """The fsspec options for ``url``: the caller's, plus S3 endpoint defaults from the env
+    and the S3 client's timeouts and retries (``retry``; None: ``retry.FAIL_FAST``, 3
+    attempts); the caller's own ``config_kwargs`` win."""
     options = dict(storage_options or {})
     protocol, _ = split_protocol(url)
-    if protocol in ("s3", "s3a"):
+    if protocol in S3_PROTOCOLS:
         client_kwargs = dict(options.pop("client_kwargs", None) or {})
         endpoint = options.pop("endpoint_url", None) or client_kwargs.get("endpoint_url")
         endpoint = (
@@ -52,18 +56,24 @@ def storage_options_for(url: str, storage_options: dict[str, Any] | None = None)
             client_kwargs["endpoint_url"] = endpoint
         if client_kwargs:
             options["client_kwargs"] = client_kwargs
-        config = dict(_S3_DEFAULT_CONFIG)
+        config: dict[str, Any] = {**_S3_TIMEOUTS, "retries": (retry or FAIL_FAST).s3_config()}
         config.update(options.get("config_kwargs") or {})
         options["config_kwargs"] = config
     return options
 
 
 def filesystem(
-    url: str, storage_options: dict[str, Any] | None = None
+    url: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``(filesystem, path)`` for ``url``; the path is what the filesystem's methods take."""
+    """``(filesystem, path)`` for ``url``; the path is what the filesystem's methods take.
+
+    An S3 filesystem tries each request as often as ``retry`` says (None: 3 attempts,
+    ``retry.FAIL_FAST``) and logs every retry it makes.
+    """
     url = normalize_url(url)
-    fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, storage_options))
+    fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, storage_options, retry))
+    if split_protocol(url)[0] in S3_PROTOCOLS:
+        log_s3_retries(fs)
     return fs, path
 
 

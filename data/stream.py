@@ -40,7 +40,7 @@ from sparse_transformer.data.cache import ShardCache
 from sparse_transformer.data.errors import ChecksumMismatchError, MissingShardError
 from sparse_transformer.data.manifest import Manifest, ShardInfo, load_manifest
 from sparse_transformer.data.order import BatchPlan, EpochOrder
-from sparse_transformer.data.retry import RetryPolicy, retry_call
+from sparse_transformer.data.retry import RetryPolicy, giving_up
 from sparse_transformer.data.shards import decode_shard, sha256_bytes
 
 log = logging.getLogger("sparse_transformer.data")
@@ -191,7 +191,7 @@ class StreamingDataset(IterableDataset):
         verify: check every shard's sha256 against the manifest.
         cache_dir, cache_limit_bytes: optional local shard cache (LRU eviction).
         storage_options: fsspec options (e.g. ``endpoint_url``, ``key``, ``secret``).
-        retry: the retry policy for transient storage failures.
+        retry: how often the storage client tries each request (see :mod:`retry`).
     """
 
     def __init__(
@@ -419,7 +419,7 @@ class StreamingDataset(IterableDataset):
             # Per process (fsspec clients do not survive a fork); _fs_pid is set last so a
             # concurrent prefetch thread never sees a half-initialised state.
             assert self.manifest.url is not None
-            fs, _ = storage.filesystem(self.manifest.url, self.storage_options)
+            fs, _ = storage.filesystem(self.manifest.url, self.storage_options, self.retry)
             if self.cache_dir is not None:
                 self._cache = ShardCache(self.cache_dir, self.cache_limit_bytes)
             self._fs = fs
@@ -430,7 +430,8 @@ class StreamingDataset(IterableDataset):
         fs = self._filesystem()
         path = fs._strip_protocol(url)  # noqa: SLF001 - fsspec's own URL -> path mapping
         try:
-            data = retry_call(lambda: fs.cat_file(path), what=f"shard {url}", policy=self.retry)
+            with giving_up(f"shard {url}"):
+                data = fs.cat_file(path)
         except FileNotFoundError:
             raise MissingShardError(f"shard {url}: not found in storage") from None
         self.stats.add_fetch(len(data))

@@ -1,6 +1,6 @@
 """Downloads over real HTTP (a server on 127.0.0.1): checksums, retries of 5xx and cut
-connections, permanent 404s; a source's downloader end to end; and the wiki sample from PyPI
-(skipped when PyPI cannot be reached)."""
+connections up to the policy's attempts, permanent 404s; a source's downloader end to end; and
+the wiki sample from PyPI (skipped when PyPI cannot be reached)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparse_transformer.data import ChecksumMismatchError, DownloadError, RetryPolicy, prepare
+from sparse_transformer.data import (
+    ChecksumMismatchError,
+    DownloadError,
+    RetriesExhaustedError,
+    RetryPolicy,
+    prepare,
+)
 from sparse_transformer.data import download as dl
 from tests.test_data_formats import cifar_to_hwc, make_cifar_tarball, read_split
 
-FAST = RetryPolicy(max_attempts=5, base_delay_s=0.05, max_delay_s=0.1, deadline_s=10)
+FAST = RetryPolicy(max_attempts=5)
 
 
 class Routes:
@@ -96,6 +102,22 @@ def test_5xx_and_cut_connections_are_retried(
         )
     assert routes.hits["/flaky"] == 3 and (tmp_path / "f").read_bytes() == body
     assert caplog.text.count("transient failure") == 2 and "HTTP Error 503" in caplog.text
+
+
+def test_5xx_that_persists_gives_up_after_the_policy_s_attempts(
+    http_server: tuple[str, Routes], tmp_path: Path
+) -> None:
+    base, routes = http_server
+    routes.responses["/down"] = [(503, b"busy", None)]
+    with pytest.raises(
+        RetriesExhaustedError, match=r"download .*/down: giving up after 3 attempts"
+    ):
+        dl.download(f"{base}/down", tmp_path / "d", policy=RetryPolicy(max_attempts=3))
+    assert routes.hits["/down"] == 3 and list(tmp_path.iterdir()) == []
+    routes.responses["/cut"] = [(200, b"x" * 10, 100)]  # every response cut short
+    with pytest.raises(RetriesExhaustedError, match=r"/cut: giving up .* IncompleteRead"):
+        dl.download(f"{base}/cut", tmp_path / "c", policy=RetryPolicy(max_attempts=2))
+    assert routes.hits["/cut"] == 2 and list(tmp_path.iterdir()) == []
 
 
 def test_404_is_permanent_and_a_bad_checksum_leaves_nothing(

@@ -1,11 +1,9 @@
-"""The global order, the per-rank / per-worker plan, and the retry machinery (no storage)."""
+"""The global order, the per-rank / per-worker plan, and the retry configuration (no storage:
+the clients' retries against real servers are in test_data_s3 and test_data_download)."""
 
 from __future__ import annotations
 
 import errno
-import socket
-import time
-import urllib.error
 
 import numpy as np
 import pytest
@@ -17,7 +15,8 @@ from sparse_transformer.data import (
     RetriesExhaustedError,
     RetryPolicy,
 )
-from sparse_transformer.data.retry import is_transient, retry_call
+from sparse_transformer.data.retry import giving_up
+from sparse_transformer.data.storage import storage_options_for
 
 SIZES = [7, 7, 7, 7, 7, 3]  # the last shard is short, as a split's last shard is
 
@@ -109,93 +108,82 @@ def test_invalid_geometry_is_rejected() -> None:
 # ------------------------------------------------------------------ retries
 
 
-def _client_error(code: str, status: int) -> Exception:
+def _client_error(code: str, status: int, **retry_metadata: object) -> Exception:
     from botocore.exceptions import ClientError
 
+    meta = {"HTTPStatusCode": status, **retry_metadata}
     return ClientError(
-        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
-        "GetObject",
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": meta}, "GetObject"
     )
 
 
-def test_transient_and_permanent_errors_are_told_apart() -> None:
-    from botocore.exceptions import EndpointConnectionError
+def _through_giving_up(exc: Exception) -> Exception:
+    try:
+        with giving_up("shard s3://b/x"):
+            raise exc
+    except Exception as raised:  # noqa: BLE001 - what comes out is the point
+        return raised
+    raise AssertionError("giving_up swallowed the error")
+
+
+def test_errors_the_client_gave_up_on_are_told_apart() -> None:
+    """Failures the storage client retried until it gave up are named (RetriesExhaustedError);
+    permanent ones, and responses the client did not retry, pass unchanged."""
+    from botocore.exceptions import EndpointConnectionError, ResponseStreamingError
     from s3fs.errors import translate_boto_error
 
-    transient = [
-        ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
-        TimeoutError("timed out"),
+    spent = _client_error("InternalError", 500, MaxAttemptsReached=True, RetryAttempts=9)
+    gave_up = [
         EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
-        _client_error("SlowDown", 503),
-        _client_error("InternalError", 500),
-        translate_boto_error(_client_error("SlowDown", 503)),
-        translate_boto_error(_client_error("ServiceUnavailable", 503)),
-        urllib.error.HTTPError("http://x", 503, "Service Unavailable", {}, None),
-        urllib.error.URLError(ConnectionRefusedError(errno.ECONNREFUSED, "refused")),
+        ResponseStreamingError(error="connection reset mid-body"),
+        spent,
+        translate_boto_error(spent),  # what s3fs raises: OSError(EREMOTEIO) from the above
+        translate_boto_error(_client_error("SlowDown", 503, RetryQuotaReached=True)),
     ]
-    permanent = [
+    passed = [
         FileNotFoundError("no such key"),
         translate_boto_error(_client_error("NoSuchKey", 404)),
         translate_boto_error(_client_error("AccessDenied", 403)),
-        _client_error("NoSuchBucket", 404),
-        urllib.error.HTTPError("http://x", 404, "Not Found", {}, None),
+        # an answer on the last attempt that is not worth retrying stays what it is
+        translate_boto_error(_client_error("NoSuchKey", 404, MaxAttemptsReached=True)),
+        _client_error("InvalidRange", 416),
+        OSError(errno.EIO, "local disk"),
         ChecksumMismatchError("shard x: sha256 mismatch"),
         ValueError("bug"),
     ]
-    assert [is_transient(e) for e in transient] == [True] * len(transient)
-    assert [is_transient(e) for e in permanent] == [False] * len(permanent)
+    for exc in gave_up:
+        raised = _through_giving_up(exc)
+        assert isinstance(raised, RetriesExhaustedError) and raised.__cause__ is exc
+        assert str(raised).startswith("shard s3://b/x: giving up")
+    assert [_through_giving_up(e) for e in passed] == passed
 
 
-def test_backoff_grows_with_jitter_and_is_capped() -> None:
-    p = RetryPolicy(base_delay_s=0.5, max_delay_s=4.0)
-    for retry, cap in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (9, 4.0)]:
-        delays = [p.delay(retry) for _ in range(200)]
-        assert cap / 2 <= min(delays) and max(delays) <= cap
-        assert max(delays) - min(delays) > cap / 10  # jittered, not lockstep
+def test_one_policy_configures_both_clients() -> None:
+    policy = RetryPolicy(max_attempts=4)
+    opts = storage_options_for("s3://b/x", {"config_kwargs": {"read_timeout": 7}}, policy)
+    assert opts["config_kwargs"] == {
+        "connect_timeout": 5,
+        "read_timeout": 7,  # the caller's own client settings win
+        "retries": {"total_max_attempts": 4, "mode": "standard"},
+    }
+    mine = {"retries": {"max_attempts": 1, "mode": "adaptive"}}
+    assert storage_options_for("s3://b/x", {"config_kwargs": mine}, policy)["config_kwargs"][
+        "retries"
+    ] == {"max_attempts": 1, "mode": "adaptive"}
+    assert "config_kwargs" not in storage_options_for("file:///tmp/x", None, policy)
 
-
-def test_refused_connection_is_retried_then_given_up_within_bounds(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """A real failure: nothing listens on the port, every connect is refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again when the block ends
-
-    def connect() -> None:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            pass
-
-    policy = RetryPolicy(max_attempts=4, base_delay_s=0.05, max_delay_s=0.1, deadline_s=10)
-    t0 = time.monotonic()
-    with pytest.raises(RetriesExhaustedError, match=r"shard s3://b/x: giving up after 4 attempts"):
-        retry_call(connect, what="shard s3://b/x", policy=policy)
-    assert time.monotonic() - t0 < 5  # backoff sleeps total ~0.25 s; margin for a busy CI
-    retries = [r for r in caplog.records if "transient failure" in r.getMessage()]
-    assert len(retries) == 3 and "ConnectionRefusedError" in retries[0].getMessage()
-
-    # The deadline bounds the total time even with attempts to spare.
-    policy = RetryPolicy(max_attempts=100, base_delay_s=0.2, max_delay_s=0.2, deadline_s=0.5)
-    slept: list[float] = []
-
-    def sleep(s: float) -> None:
-        slept.append(s)
-        time.sleep(s)
-
-    t0 = time.monotonic()
-    with pytest.raises(RetriesExhaustedError, match="deadline"):
-        retry_call(connect, what="shard s3://b/x", policy=policy, sleep=sleep)
-    assert sum(slept) <= 0.5 + 1e-9 and len(slept) < 5  # never sleeps past the deadline
-    assert time.monotonic() - t0 < 0.5 + 2  # plus the refused connects, on a busy CI
-
-
-def test_permanent_error_is_not_retried() -> None:
-    calls = []
-
-    def missing() -> None:
-        calls.append(1)
-        open("/nonexistent/shard.parquet", "rb")  # noqa: SIM115
-
-    with pytest.raises(FileNotFoundError):
-        retry_call(missing, what="shard", policy=RetryPolicy(base_delay_s=0.01))
-    assert len(calls) == 1
+    retry = policy.http_retry("download x")
+    assert retry.total == 3
+    assert {408, 429, 500, 503, 504} <= set(retry.status_forcelist)
+    assert not {400, 403, 404} & set(retry.status_forcelist)
+    # Backoff: the first retry at once, then doubling, with up to 0.5 s of jitter, capped at 20 s.
+    retry = RetryPolicy(max_attempts=20).http_retry("download x")
+    waits = []
+    for _ in range(8):
+        retry = retry.increment("GET", "http://x/", error=ConnectionResetError("reset"))
+        waits.append(retry.get_backoff_time())
+    assert waits[0] == 0 and waits[-2:] == [20, 20]
+    for wait, base in zip(waits[1:6], [1, 2, 4, 8, 16]):
+        assert base <= wait <= base + 0.5
+    with pytest.raises(ValueError, match="max_attempts must be >= 1"):
+        RetryPolicy(max_attempts=0)

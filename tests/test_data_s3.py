@@ -1,12 +1,16 @@
 """Against a real S3 server (SeaweedFS on loopback): prepare to S3 and stream back, rank
-shares, resumption across world sizes, a server crash mid-epoch, corrupt and missing shards."""
+shares, resumption across world sizes, a server crash mid-epoch, corrupt and missing shards;
+and the S3 client's own retries against a scripted S3 endpoint (server errors retried and
+logged, 403/404 not retried)."""
 
 from __future__ import annotations
 
 import argparse
+import http.server
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -16,6 +20,7 @@ import pytest
 from sparse_transformer.data import (
     ChecksumMismatchError,
     MalformedSourceError,
+    ManifestError,
     MissingShardError,
     RetriesExhaustedError,
     RetryPolicy,
@@ -24,6 +29,7 @@ from sparse_transformer.data import (
     load_manifest,
     prepare,
 )
+from sparse_transformer.data.manifest import Manifest, SplitInfo
 from tests.s3server import SeaweedS3, free_ports
 from tests.test_data_formats import cifar_to_hwc, make_cifar_tarball, make_npz
 from tests.test_data_stream import SEQ, G, N, ids_of, make_indexed_text, merge
@@ -158,7 +164,7 @@ def test_server_killed_mid_epoch_and_restarted_loses_nothing(
         url,
         prefetch=1,
         num_threads=1,
-        retry=RetryPolicy(deadline_s=120),
+        retry=RetryPolicy(max_attempts=10),
         storage_options=opts,
         **kw,
     )
@@ -180,7 +186,7 @@ def test_server_killed_mid_epoch_and_restarted_loses_nothing(
     assert got == reference  # same samples, same order: none lost, none repeated
     assert ds.stats.shards_fetched - fetched_before >= 10
     retried = [r.getMessage() for r in caplog.records if "transient failure" in r.getMessage()]
-    assert retried and f"shard {url}/train/" in retried[0]
+    assert retried and f"{url}/train/" in retried[0]  # botocore's retries, naming the shard
 
 
 def test_corrupted_shard_on_s3_fails_clearly_and_fast(s3: tuple[str, dict], tmp_path: Path) -> None:
@@ -256,16 +262,121 @@ def test_failed_prepare_on_s3_leaves_no_manifest_or_shards(
     assert [o for o in objects if o.endswith((".parquet", ".json"))] == []
 
 
-def test_unreachable_endpoint_gives_up_within_the_retry_budget() -> None:
-    (port,) = free_ports(1)  # nothing listens there
+def test_unreachable_endpoint_gives_up_within_the_retry_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    (port,) = free_ports(1)  # nothing listens there: every connect is refused
     opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"}
-    policy = RetryPolicy(max_attempts=3, base_delay_s=0.05, max_delay_s=0.1, deadline_s=20)
+    policy = RetryPolicy(max_attempts=3)
     t0 = time.monotonic()
-    with pytest.raises(RetriesExhaustedError, match=r"manifest s3://nobucket/ds/manifest\.json"):
+    with (
+        caplog.at_level(logging.WARNING, logger="sparse_transformer.data"),
+        pytest.raises(RetriesExhaustedError, match=r"manifest s3://nobucket/ds/manifest\.json"),
+    ):
         StreamingDataset(
             "s3://nobucket/ds", global_batch_size=1, storage_options=opts, retry=policy
         )
-    assert time.monotonic() - t0 < 20
+    assert time.monotonic() - t0 < 20  # botocore's waits before retries 1 and 2: at most 1 + 2 s
+    retried = [r.getMessage() for r in caplog.records if "transient failure" in r.getMessage()]
+    assert len(retried) == 2 and "(attempt 1/3): EndpointConnectionError" in retried[0]
+    assert "s3://nobucket/ds/manifest.json" in retried[0]
+
+
+class ScriptedS3:
+    """What a loopback S3 endpoint answers: (method, path) -> responses, the last repeating
+    (404 NoSuchKey when unscripted), and how often each was asked."""
+
+    def __init__(self) -> None:
+        self.responses: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
+        self.hits: dict[tuple[str, str], int] = {}
+
+
+@pytest.fixture
+def scripted_s3() -> Iterator[tuple[dict, ScriptedS3]]:
+    script = ScriptedS3()
+    codes = {403: "AccessDenied", 404: "NoSuchKey", 500: "InternalError", 503: "SlowDown"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self, method: str) -> None:
+            key = (method, self.path.split("?")[0])
+            n = script.hits.get(key, 0)
+            script.hits[key] = n + 1
+            replies = script.responses.get(key, [(404, b"")])
+            status, body = replies[min(n, len(replies) - 1)]
+            if status >= 300:
+                body = (
+                    f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{codes[status]}</Code>"
+                    f"<Message>scripted</Message></Error>"
+                ).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if method == "GET":
+                self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            self.answer("GET")
+
+        def do_HEAD(self) -> None:  # noqa: N802 - the http.server API
+            self.answer("HEAD")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    opts = {"endpoint_url": f"http://127.0.0.1:{server.server_address[1]}", "key": "k"}
+    try:
+        yield {**opts, "secret": "s"}, script
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_s3_server_errors_are_retried_by_the_client_and_logged(
+    scripted_s3: tuple[dict, ScriptedS3], caplog: pytest.LogCaptureFixture
+) -> None:
+    opts, script = scripted_s3
+    manifest = Manifest(seq_len=8, tokenizer={}, source={}, splits={"train": SplitInfo([], 0, 0)})
+    body = manifest.to_json().encode()
+    key = "/b/ok/manifest.json"
+    script.responses[("HEAD", key)] = [(503, b""), (200, body)]
+    script.responses[("GET", key)] = [(500, b""), (200, body)]
+    with caplog.at_level(logging.WARNING, logger="sparse_transformer.data"):
+        loaded = load_manifest("s3://b/ok", opts, RetryPolicy(max_attempts=3))
+    assert loaded.to_json() == manifest.to_json()
+    assert script.hits[("HEAD", key)] == 2 and script.hits[("GET", key)] == 2
+    retried = [r.getMessage() for r in caplog.records if "transient failure" in r.getMessage()]
+    assert len(retried) == 2
+    assert retried[0].startswith("HeadObject s3://b/ok/manifest.json: transient failure")
+    assert "GetObject" in retried[1] and "HTTP Error 500 InternalError" in retried[1]
+
+    caplog.clear()
+    key = "/b/down/manifest.json"
+    script.responses[("HEAD", key)] = [(500, b"")]
+    t0 = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING, logger="sparse_transformer.data"),
+        pytest.raises(RetriesExhaustedError, match=r"manifest s3://b/down/manifest\.json: giving"),
+    ):
+        load_manifest("s3://b/down", opts, RetryPolicy(max_attempts=3))
+    assert script.hits[("HEAD", key)] == 3  # max_attempts requests, no layer on top
+    assert time.monotonic() - t0 < 10
+    assert sum("transient failure" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_s3_403_and_404_are_not_retried(scripted_s3: tuple[dict, ScriptedS3]) -> None:
+    opts, script = scripted_s3
+    script.responses[("HEAD", "/b/secret/manifest.json")] = [(403, b"")]
+    t0 = time.monotonic()
+    with pytest.raises(PermissionError):
+        load_manifest("s3://b/secret", opts)
+    assert script.hits[("HEAD", "/b/secret/manifest.json")] == 1
+    with pytest.raises(ManifestError, match=r"s3://b/gone/manifest\.json: no manifest"):
+        load_manifest("s3://b/gone", opts)
+    assert script.hits[("HEAD", "/b/gone/manifest.json")] == 1
+    assert time.monotonic() - t0 < 5
 
 
 def test_cli_prepare_and_inspect_over_s3(
