@@ -11,7 +11,7 @@ Streaming (per rank, world-size-independent order, exact resumption)::
 
     from sparse_transformer.data import StreamingDataset
     ds = StreamingDataset("file:///tmp/wiki", split="train", global_batch_size=32,
-                          seed=0, batched=True)          # rank/world from Ray or torch
+                          seed=0, batched=True, rank=rank, world_size=world)
     loader = ds.loader(num_workers=0)                     # (32 // world, seq_len) int64
     for batch in loader: ...
     state = loader.state_dict()                           # save in the checkpoint

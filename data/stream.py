@@ -179,8 +179,9 @@ class StreamingDataset(IterableDataset):
         global_batch_size: samples per optimizer step summed over all ranks; must
             be divisible by the world size.
         seed, epoch: the order is a function of these (and the shard list).
-        rank, world_size: this process's place; None takes them from Ray Train's
-            context, torch.distributed or RANK/WORLD_SIZE (at iteration time).
+        rank, world_size: this process's place; None takes them from an initialised
+            torch.distributed process group, else RANK/WORLD_SIZE, else (0, 1), when
+            iteration starts (see :func:`resolve_rank`).
         shuffle: permute shards and samples (False: storage order).
         shuffle_window: shards whose samples are shuffled together.
         remainder: ``"drop"`` or ``"wrap"`` (see :mod:`order`).
