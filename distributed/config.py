@@ -435,25 +435,6 @@ def resolve_precision(cfg: Config, on_gpu: bool) -> str:
     return p
 
 
-def fp16_zero0_warning(cfg: Config, on_gpu: bool) -> str | None:
-    """The warning a run of fp16 under ZeRO stage 0 gets (None for any other run).
-
-    DeepSpeed 0.19.8 wraps the optimizer in ``FP16_Optimizer`` at stage 0, which is not
-    a ZeRO optimizer, so ``engine.backward`` never multiplies the loss by the loss scale,
-    while ``step`` still divides the gradients by it: the update sees gradients 65,536
-    times too small (Adam mostly hides it; clipping never triggers; the logged grad norm
-    reads about 1e-5). Stages 1 and 2 scale the loss as they should.
-    """
-    if cfg.train.zero_stage != 0 or resolve_precision(cfg, on_gpu) != "fp16":
-        return None
-    return (
-        "[train] warning: train.zero_stage=0 with fp16: DeepSpeed 0.19.8 divides the "
-        "gradients by the loss scale without having scaled the loss (its ZeRO-0 fp16 "
-        "optimizer), so updates are far too small and clipping never applies; use "
-        "train.zero_stage=1 (the same memory on one GPU) or train.precision=bf16"
-    )
-
-
 def resolve_compile(cfg: Config, on_gpu: bool) -> str | None:
     """How training compiles the model's blocks: None (eager), ``"default"`` or
     ``"reduce-overhead"`` (CUDA graphs), as ``torch.compile``'s mode. ``model.compile:

@@ -22,7 +22,6 @@ from sparse_transformer.distributed.config import (
     ConfigError,
     data_url,
     dump_yaml,
-    fp16_zero0_warning,
     is_remote,
     local_path,
     relative_paths,
@@ -433,8 +432,6 @@ def run_training(
             print(f"[train] Ray dashboard: {instance.dashboard_url}", flush=True)
         if verbose and instance.metrics_url:
             print(f"[train] Prometheus metrics: {instance.metrics_url}", flush=True)
-        if verbose and (warning := fp16_zero0_warning(cfg, use_gpu(cfg))):
-            print(warning, file=sys.stderr, flush=True)
         try:
             with stop_on_signals(verbose) as flag:
                 trainer = build_trainer(cfg, data_url=url, extra={"stop_flag": flag}, hooks=hooks)

@@ -408,15 +408,3 @@ def test_one_rule_for_config_names(tmp_path: Path) -> None:
             load_model_config(bad)
         with pytest.raises(SystemExit, match=f"--config {bad}: "):
             submit._find_config(bad)
-
-
-def test_fp16_under_zero0_is_warned_about() -> None:
-    """DeepSpeed 0.19.8's ZeRO-0 fp16 optimizer divides unscaled gradients by the loss
-    scale: such a run is warned about; stage 1, bf16 and the CPU's fp32 are not."""
-    from sparse_transformer.distributed.config import fp16_zero0_warning
-
-    cfg = load_config("tiny")  # zero_stage 0, precision auto
-    assert "train.zero_stage=1" in fp16_zero0_warning(cfg, on_gpu=True)
-    assert fp16_zero0_warning(cfg, on_gpu=False) is None
-    assert fp16_zero0_warning(load_config("tiny", ["train.zero_stage=1"]), on_gpu=True) is None
-    assert fp16_zero0_warning(load_config("tiny", ["train.precision=bf16"]), on_gpu=True) is None

@@ -83,6 +83,7 @@ def _sgd_update(zero_stage: int, scaled: bool) -> tuple[torch.Tensor, torch.Tens
         "fp16": {"enabled": True, "initial_scale_power": 12},
         "optimizer": {"type": "SGD", "params": {"lr": lr}},
         "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,  # SGD: its update is -lr x the gradient
     }
     engine, _ = ds.initialize(model, config)
     before = engine.module.weight.detach().float().clone()
