@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -31,6 +32,22 @@ from tests.test_train import small_dataset  # noqa: F401 - fixture
 
 RUN = "ray-job-tiny"
 SECRET = "hunter2-job"
+
+
+def python_first_path(shim: Path) -> str:
+    """``PATH`` with ``python`` the suite's interpreter, as when the venv is activated.
+
+    Only ``python``: a folder holding a one-line script that runs this interpreter,
+    not the venv's whole ``bin``, whose ``ninja`` (1.13) would shadow the one the rest
+    of the suite finds on ``PATH``. The two hash their build commands differently, so
+    each switch rebuilds DeepSpeed's cached CPU op (TORCH_EXTENSIONS_DIR) for a minute:
+    once in this job's workers, once more in the next test that starts DeepSpeed.
+    """
+    shim.mkdir(parents=True, exist_ok=True)
+    python = shim / "python"
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    return f"{shim}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def ray_cli(head: RayHead, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -87,8 +104,7 @@ def test_a_ray_user_submits_the_tiny_training_with_rays_own_cli(
     stage.mkdir()
     (stage / "sparse_transformer").symlink_to(PROJECT_ROOT)
     storage = tmp_path / "runs"
-    venv_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    with ray_head(env={"PATH": venv_path}) as head:  # `python` is the suite's, as when activated
+    with ray_head(env={"PATH": python_first_path(tmp_path / "bin")}) as head:
         # a relative run folder would land in the job's temporary working directory
         submit(head, "st-relative", stage, "run.storage_path=runs", f"data.url={small_dataset}")
         assert wait_terminal(head, "st-relative", 120) == "FAILED"
