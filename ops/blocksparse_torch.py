@@ -9,16 +9,20 @@ dK = dS^T Q), so activations are O(n d), not O(n * keys).
 
 Runs on CPU and GPU, in fp64, fp32, bf16 and fp16 (low precision is computed in
 fp32). Inputs arrive in each head's order, padded to ``layout.n_padded`` (see
-:func:`to_head_order`).
+:func:`to_head_order`). The padded key-block lists of every live layout are kept in
+this backend's :class:`~sparse_transformer.ops.layout.LayoutCache` and go with it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sparse_transformer.ops.layout import BlockLayout, layout_by_uid
+from sparse_transformer.ops.layout import BlockLayout, LayoutCache, layout_by_uid
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+_ELL: LayoutCache[tuple[torch.Tensor, torch.Tensor]] = LayoutCache(
+    "torch backend: padded key-block lists (BlockLayout.ell)"
+)
 
 
 def to_head_order(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
@@ -54,7 +58,7 @@ class _Plan:
     """Per-call constants shared by forward and backward."""
 
     def __init__(self, layout: BlockLayout, n: int, h: int, device: torch.device) -> None:
-        ell_idx, ell_full = layout.ell()
+        ell_idx, ell_full = _ELL.get(layout, BlockLayout.ell)
         group = layout.head_group.long().to(device)
         self.idx = ell_idx.to(device)[group]  # (H, NQB, K)
         self.full = ell_full.to(device)[group]

@@ -11,23 +11,26 @@ from __future__ import annotations
 import torch
 
 from sparse_transformer.ops.blocksparse_torch import from_head_order, to_head_order
-from sparse_transformer.ops.layout import BlockLayout
+from sparse_transformer.ops.layout import BlockLayout, head_order_mod
 
 
 def flex_block_mask(layout: BlockLayout, block_size: int | None = None, compile: bool = False):
-    """FlexAttention's BlockMask for ``layout`` in head order (cached on the layout)."""
+    """FlexAttention's BlockMask for ``layout`` in head order, kept in the layout's
+    ``flex_masks`` (a field: this runs inside compiled blocks) and freed with it."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     block_size = block_size or 128
-    key = ("flex", block_size, compile)
-    if key not in layout._cache:
-        n, pattern = layout.n, layout.pattern
+    key = (block_size, compile)
+    if key not in layout.flex_masks:
+        # the mask_mod holds what it reads, not the layout: the BlockMask keeps it
+        n, pattern, permuted = layout.n, layout.pattern, layout.any_permuted
 
         def mask_mod(b, h, q_idx, kv_idx):
-            qo, ko = layout.order_mod(h, q_idx), layout.order_mod(h, kv_idx)
+            qo = head_order_mod(pattern, n, permuted, h, q_idx)
+            ko = head_order_mod(pattern, n, permuted, h, kv_idx)
             return pattern.mask_mod(b, h, qo, ko) & (ko < n)
 
-        layout._cache[key] = create_block_mask(
+        layout.flex_masks[key] = create_block_mask(
             mask_mod,
             None,
             layout.n_heads,
@@ -37,7 +40,7 @@ def flex_block_mask(layout: BlockLayout, block_size: int | None = None, compile:
             BLOCK_SIZE=block_size,
             _compile=compile,
         )
-    return layout._cache[key]
+    return layout.flex_masks[key]
 
 
 _COMPILED = {}

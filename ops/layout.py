@@ -22,6 +22,14 @@ column by column, so position p of the head's order is original position
 segments of R positions, which touches ~R / block_k key blocks per query block
 instead of nearly all of them. Positions at or beyond n are padding: causality
 in the original order masks them for every real query.
+
+What is derived from a layout lives exactly as long as the layout: the head orders
+(:meth:`BlockLayout.head_orders`), which code inside ``torch.compile`` reads, and
+``ops.flex``'s block masks are fields of the layout; every other backend table (the
+Triton kernels' launch plan, the torch backend's padded lists) is an entry of that
+backend's own :class:`LayoutCache`, keyed weakly by the layout. A layout that
+``compile_layout``'s cache has evicted and no layer holds any more is freed with all of
+them (no registry to prune: ``layout_by_uid`` holds layouts weakly too).
 """
 
 from __future__ import annotations
@@ -29,12 +37,17 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 
 from sparse_transformer.ops.patterns import Pattern
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 # Component kinds of a head, in the head's own order:
 #   band(W):      0 <= i - j <= W - 1        (causal: W = inf; strided A1: W = l + 1)
@@ -159,6 +172,20 @@ def _classify(
     return present, full
 
 
+def head_order_mod(
+    pattern: Pattern, n: int, any_permuted: bool, h: torch.Tensor, p: torch.Tensor
+) -> torch.Tensor:
+    """:meth:`BlockLayout.order_mod` of a layout of ``pattern`` and ``n`` whose
+    ``any_permuted`` is given, without the layout: for a mask_mod kept beside the
+    layout (a BlockMask holds its mask_mod), which must not keep the layout alive."""
+    if not any_permuted:
+        return p
+    l = pattern.stride
+    rows = -(-n // l)
+    mapped = torch.where(p < rows * l, (p % rows) * l + p // rows, p)
+    return torch.where(torch.as_tensor(pattern.permuted_heads(h)), mapped, p)
+
+
 _UIDS = itertools.count(1)
 _BY_UID: weakref.WeakValueDictionary[int, BlockLayout] = weakref.WeakValueDictionary()
 
@@ -197,10 +224,20 @@ class BlockLayout:
     k2q_indptr: torch.Tensor  # (G, NKB + 1) int32
     k2q_index: torch.Tensor  # (nnz,) int32
     k2q_full: torch.Tensor  # (nnz,) bool
-    _cache: dict = field(default_factory=dict, repr=False)
     uid: int = field(default_factory=lambda: next(_UIDS), init=False)
     """A process-wide integer naming this layout (:func:`layout_by_uid`): custom ops
     and compiled graphs carry it instead of the object, which is not a tensor."""
+    _orders: torch.Tensor | None = field(default=None, init=False, repr=False)
+    """:meth:`head_orders`, once computed."""
+    _inverse_orders: torch.Tensor | None = field(default=None, init=False, repr=False)
+    """:meth:`head_inverse_orders`, once computed."""
+    flex_masks: dict[tuple[int | tuple[int, int], bool], BlockMask] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    """``ops.flex``'s BlockMasks of this layout by (block size, compiled), filled by
+    :func:`~sparse_transformer.ops.flex.flex_block_mask`. A field rather than an entry
+    of a :class:`LayoutCache` because the flex backend reads it inside compiled blocks,
+    as it does the orders."""
 
     def __post_init__(self) -> None:
         _BY_UID[self.uid] = self
@@ -249,40 +286,36 @@ class BlockLayout:
     def order_mod(self, h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """:meth:`order` as elementwise arithmetic on (head, position) tensors, for
         mask_mods that must not index tables (FlexAttention's compiled mask builder)."""
-        if not self.any_permuted:
-            return p
-        l = self.pattern.stride
-        rows = -(-self.n // l)
-        mapped = torch.where(p < rows * l, (p % rows) * l + p // rows, p)
-        return torch.where(torch.as_tensor(self.pattern.permuted_heads(h)), mapped, p)
+        return head_order_mod(self.pattern, self.n, self.any_permuted, h, p)
 
     def head_orders(self) -> torch.Tensor:
-        """(H, N) int64: the order of every head (cached)."""
-        if "orders" not in self._cache:
+        """(H, N) int64: the order of every head (kept on the layout once computed)."""
+        if self._orders is None:
             groups = torch.stack([self.order(g) for g in range(self.n_groups)])
-            self._cache["orders"] = groups[self.head_group.long()]
-        return self._cache["orders"]
+            self._orders = groups[self.head_group.long()]
+        return self._orders
 
     def head_inverse_orders(self) -> torch.Tensor:
         """(H, N) int64: for every original position, its place in the head's order
-        (cached: the backends undo the permutation on every call)."""
-        if "inverse_orders" not in self._cache:
-            self._cache["inverse_orders"] = torch.argsort(self.head_orders(), dim=1)
-        return self._cache["inverse_orders"]
+        (kept on the layout: the backends undo the permutation on every call)."""
+        if self._inverse_orders is None:
+            self._inverse_orders = torch.argsort(self.head_orders(), dim=1)
+        return self._inverse_orders
 
     def ell(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded lists: (G, NQB, K) int64 key blocks (-1 = none) and their full flags."""
-        if "ell" not in self._cache:
-            counts = (self.q2k_indptr[:, 1:] - self.q2k_indptr[:, :-1]).long()
-            kmax = max(int(counts.max().item()) if counts.numel() else 0, 1)
-            rows, within = _ragged_arange(counts.reshape(-1))
-            idx = torch.full((counts.numel(), kmax), -1, dtype=torch.long, device=self.device)
-            full = torch.zeros((counts.numel(), kmax), dtype=torch.bool, device=self.device)
-            idx[rows, within] = self.q2k_index.long()
-            full[rows, within] = self.q2k_full
-            shape = (self.n_groups, self.n_qblocks, kmax)
-            self._cache["ell"] = (idx.view(shape), full.view(shape))
-        return self._cache["ell"]
+        """Padded lists: (G, NQB, K) int64 key blocks (-1 = none) and their full flags.
+
+        Computed on every call; the torch backend keeps its copy in its LayoutCache.
+        """
+        counts = (self.q2k_indptr[:, 1:] - self.q2k_indptr[:, :-1]).long()
+        kmax = max(int(counts.max().item()) if counts.numel() else 0, 1)
+        rows, within = _ragged_arange(counts.reshape(-1))
+        idx = torch.full((counts.numel(), kmax), -1, dtype=torch.long, device=self.device)
+        full = torch.zeros((counts.numel(), kmax), dtype=torch.bool, device=self.device)
+        idx[rows, within] = self.q2k_index.long()
+        full[rows, within] = self.q2k_full
+        shape = (self.n_groups, self.n_qblocks, kmax)
+        return idx.view(shape), full.view(shape)
 
     # -- statistics ----------------------------------------------------------------
     def causal_blocks(self) -> int:
@@ -352,6 +385,53 @@ class BlockLayout:
         out = torch.zeros(self.n_padded, self.n_padded, dtype=torch.bool, device=self.device)
         out[hq, hk] = in_head_order
         return out[: self.n, : self.n]
+
+
+V = TypeVar("V")
+
+
+class LayoutCache(Generic[V]):
+    """What one backend derives from layouts (kernel tables, padded lists): one value
+    per layout, built once and kept exactly as long as the layout lives.
+
+    Keyed weakly by the layout, so a layout that nothing else holds any more (evicted
+    from ``compile_layout``'s cache, released by every layer that bound it) takes its
+    entry, and the device memory the entry holds, with it. A value must not refer to
+    its layout, which would then keep itself alive.
+
+    Read it only where ``torch.compile`` does not trace (inside custom ops, in eager
+    code): dynamo does not tell a weak-keyed lookup's keys apart and may replay one
+    layout's value for another, so :meth:`get` refuses to run in a trace. What traced
+    code reads is a field of the layout (:meth:`BlockLayout.head_orders`,
+    ``BlockLayout.flex_masks``).
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        """What the values are, for messages and repr."""
+        self._entries: weakref.WeakKeyDictionary[BlockLayout, V] = weakref.WeakKeyDictionary()
+
+    def get(self, layout: BlockLayout, build: Callable[[BlockLayout], V]) -> V:
+        """The value for ``layout``: ``build(layout)`` the first time, then the same."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"{self.what}: a LayoutCache is read inside a torch.compile trace; read it "
+                "inside a custom op, or keep the value on the layout"
+            )
+        value = self._entries.get(layout)
+        if value is None:
+            value = build(layout)
+            self._entries[layout] = value
+        return value
+
+    def __contains__(self, layout: object) -> bool:
+        return layout in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"LayoutCache({self.what!r}, {len(self)} live layouts)"
 
 
 def _build(

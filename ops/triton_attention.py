@@ -20,7 +20,9 @@ beyond n load as zeros and are never stored.
 The pattern's component kinds are compile-time constants: the heads are
 launched in groups that share them (for example the A1 and the A2 heads of a
 multi-head layer), and the row/column predicates are computed on vectors, so a
-partial block costs little more than a full one.
+partial block costs little more than a full one. A layout's per-group parameters
+and launches are built once, in this module's ``LayoutCache``, and are freed with
+the layout.
 
 Registered as the custom ops ``sparse_transformer::block_sparse_attn_fwd`` /
 ``_bwd`` with fake implementations, so ``torch.compile`` and activation
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -42,6 +45,7 @@ from sparse_transformer.ops.layout import (
     PART_COLUMN,
     PART_SUMMARY,
     BlockLayout,
+    LayoutCache,
     layout_by_uid,
 )
 
@@ -292,40 +296,60 @@ def _bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------
 # launch plumbing
 # ----------------------------------------------------------------------------------------
-def _launch_plan(layout: BlockLayout) -> dict:
-    """Per-layout kernel tables (cached on the layout): per-group parameters and the
-    heads of each component signature."""
-    key = "triton_plan"
-    if key not in layout._cache:
-        params = []
-        sig_of_group = []
-        for spec in layout.specs:
-            rows = -(-layout.n // spec.perm_stride) if spec.perm_stride else 1
-            row = [spec.perm_stride, rows]
-            kinds = []
-            for part in spec.parts[:2]:
-                row += [min(part.a, _INT32_BIG), part.lo, part.hi]
-                kinds.append(part.kind)
-            if len(spec.parts) > 2:
-                raise ValueError("triton backend: at most two components per head")
-            while len(row) < 8:
-                row += [1, 0, 0]
-                kinds.append(_NO_PART)
-            params.append(row[:8])
-            sig_of_group.append((*kinds[:2], bool(spec.perm_stride)))
-        groups = layout.head_group.tolist()
-        sigs: dict[tuple[int, int, bool], list[int]] = {}
-        for h, g in enumerate(groups):
-            sigs.setdefault(sig_of_group[g], []).append(h)
-        dev = layout.device
-        layout._cache[key] = {
-            "params": torch.tensor(params, dtype=torch.int32, device=dev),
-            "sigs": [
-                (k0, k1, perm, torch.tensor(hs, dtype=torch.int32, device=dev))
-                for (k0, k1, perm), hs in sigs.items()
-            ],
-        }
-    return layout._cache[key]
+class _Launch(NamedTuple):
+    """One launch of each kernel: the heads whose groups share the kernels' compile-time
+    signature (the kinds of their components, whether their order is transposed)."""
+
+    kind0: int
+    kind1: int
+    permuted: bool
+    heads: torch.Tensor  # (HS,) int32
+
+
+class _LaunchPlan(NamedTuple):
+    """What the kernels read of a layout besides its CSR lists."""
+
+    table: torch.Tensor  # (G, 8) int32: per-group parameters
+    launches: list[_Launch]
+
+
+_PLANS: LayoutCache[_LaunchPlan] = LayoutCache("triton backend: launch plans")
+
+
+def _build_plan(layout: BlockLayout) -> _LaunchPlan:
+    params = []
+    sig_of_group = []
+    for spec in layout.specs:
+        rows = -(-layout.n // spec.perm_stride) if spec.perm_stride else 1
+        row = [spec.perm_stride, rows]
+        kinds = []
+        for part in spec.parts[:2]:
+            row += [min(part.a, _INT32_BIG), part.lo, part.hi]
+            kinds.append(part.kind)
+        if len(spec.parts) > 2:
+            raise ValueError("triton backend: at most two components per head")
+        while len(row) < 8:
+            row += [1, 0, 0]
+            kinds.append(_NO_PART)
+        params.append(row[:8])
+        sig_of_group.append((*kinds[:2], bool(spec.perm_stride)))
+    sigs: dict[tuple[int, int, bool], list[int]] = {}
+    for h, g in enumerate(layout.head_group.tolist()):
+        sigs.setdefault(sig_of_group[g], []).append(h)
+    dev = layout.device
+    return _LaunchPlan(
+        table=torch.tensor(params, dtype=torch.int32, device=dev),
+        launches=[
+            _Launch(k0, k1, perm, torch.tensor(hs, dtype=torch.int32, device=dev))
+            for (k0, k1, perm), hs in sigs.items()
+        ],
+    )
+
+
+def _launch_plan(layout: BlockLayout) -> _LaunchPlan:
+    """The layout's per-group parameters and launches, built once per layout and freed
+    with it."""
+    return _PLANS.get(layout, _build_plan)
 
 
 _TUNE_KEY = ["D", "BLOCK_Q", "BLOCK_K", "KIND0", "KIND1", "PERMUTED"]
@@ -383,19 +407,20 @@ def _fwd_impl(q, k, v, layout: BlockLayout, scale: float):
     plan = _launch_plan(layout)
     out = _new_like(q)
     lse = _new_like(q.new_empty(b, h, n, dtype=torch.float32))
-    for k0, k1, perm, heads in plan["sigs"]:
-        hs = heads.numel()
+    for launch in plan.launches:
+        hs = launch.heads.numel()
         grid = (layout.n_qblocks, b * hs)
         _launcher(_fwd_kernel)[grid](
             q, k, v, out, lse,
-            heads, layout.head_group, plan["params"],
+            launch.heads, layout.head_group, plan.table,
             layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
             scale * LOG2E, n, h, hs, layout.n_qblocks,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1, PERMUTED=perm,
+            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k,
+            KIND0=launch.kind0, KIND1=launch.kind1, PERMUTED=launch.permuted,
         )  # fmt: skip
     return out, lse
 
@@ -406,11 +431,11 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
     dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, H, n)
     dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
-    for k0, k1, perm, heads in plan["sigs"]:
-        hs = heads.numel()
+    for launch in plan.launches:
+        hs = launch.heads.numel()
         _launcher(_bwd_dq_kernel)[(layout.n_qblocks, b * hs)](
             q, k, v, dout, dq, lse, delta,
-            heads, layout.head_group, plan["params"],
+            launch.heads, layout.head_group, plan.table,
             layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
             scale, scale * LOG2E, n, h, hs, layout.n_qblocks,
             q.stride(0), q.stride(1), q.stride(2),
@@ -418,11 +443,12 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
             v.stride(0), v.stride(1), v.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1, PERMUTED=perm,
+            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k,
+            KIND0=launch.kind0, KIND1=launch.kind1, PERMUTED=launch.permuted,
         )  # fmt: skip
         _launcher(_bwd_dkdv_kernel)[(layout.n_kblocks, b * hs)](
             q, k, v, dout, dk, dv, lse, delta,
-            heads, layout.head_group, plan["params"],
+            launch.heads, layout.head_group, plan.table,
             layout.k2q_indptr, layout.k2q_index, layout.k2q_full,
             scale, scale * LOG2E, n, h, hs, layout.n_kblocks,
             q.stride(0), q.stride(1), q.stride(2),
@@ -431,7 +457,8 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
             dout.stride(0), dout.stride(1), dout.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k, KIND0=k0, KIND1=k1, PERMUTED=perm,
+            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k,
+            KIND0=launch.kind0, KIND1=launch.kind1, PERMUTED=launch.permuted,
         )  # fmt: skip
     return dq, dk, dv
 

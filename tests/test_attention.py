@@ -147,3 +147,49 @@ def test_sdpa_backend_refuses_sparse_layouts() -> None:
     q = torch.randn(1, 2, 64, 16)
     with pytest.raises(ValueError, match="sdpa backend runs dense causal attention only"):
         sparse_attention(q, q, q, layout, backend="sdpa")
+
+
+def test_backend_tables_die_with_their_layout() -> None:
+    """What a backend derives from a layout lives in that backend's LayoutCache (one
+    typed value per layout, keyed weakly; no free-form dict on the layout) or, for what
+    compiled code reads, in a declared field of the layout. Once nothing holds the
+    layout (compile_layout's cache evicted it), all of it is freed."""
+    import gc
+    import weakref
+
+    from sparse_transformer.ops import blocksparse_torch
+    from sparse_transformer.ops.layout import BlockLayout, LayoutCache, _compile_cached
+
+    ta = pytest.importorskip("sparse_transformer.ops.triton_attention")
+    pattern = pattern_for_layer("strided", mode="multihead", layer=0, n_heads=2, stride=8)
+    layout = compile_layout(pattern, 64, 2, 16, 16)
+    assert layout.any_permuted  # so the torch and flex backends fill the head orders
+    q, k, v = (torch.randn(1, 2, 64, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    sparse_attention(q, k, v, layout, backend="torch").sum().backward()
+    with torch.no_grad():
+        sparse_attention(q, k, v, layout, backend="flex")
+    plan = ta._launch_plan(layout)  # what the Triton kernels read (no kernel runs here)
+
+    assert not hasattr(layout, "_cache")
+    for cache in (ta._PLANS, blocksparse_torch._ELL):
+        assert isinstance(cache, LayoutCache) and not isinstance(cache, dict)
+        assert layout in cache
+    assert ta._launch_plan(layout) is plan  # built once per layout
+    assert isinstance(plan, ta._LaunchPlan)
+    ell = blocksparse_torch._ELL.get(layout, BlockLayout.ell)
+    assert [t.shape[:2] for t in ell] == [(layout.n_groups, layout.n_qblocks)] * 2
+    masks = list(layout.flex_masks.values())
+    assert len(masks) == 1
+    derived = [
+        plan.table,
+        *(launch.heads for launch in plan.launches),
+        *ell,
+        layout.head_orders(),
+        layout.head_inverse_orders(),
+        masks[0].kv_num_blocks,
+    ]
+    refs = [weakref.ref(x) for x in (layout, *derived)]
+    del layout, plan, ell, masks, derived
+    _compile_cached.cache_clear()
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)

@@ -143,3 +143,36 @@ def test_layout_uids_name_live_layouts_only() -> None:
     gc.collect()
     with pytest.raises(KeyError, match=f"layout uid {uid}: no live layout"):
         layout_by_uid(uid)
+
+
+def test_layout_cache_builds_once_and_forgets_dropped_layouts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backend's LayoutCache builds a layout's value once, holds it only while the
+    layout lives, and refuses to be read inside a torch.compile trace (dynamo does not
+    tell weak keys apart, so a trace could replay one layout's value for another)."""
+    import gc
+    import weakref
+
+    from sparse_transformer.ops.layout import LayoutCache, _compile_cached
+
+    cache: LayoutCache[torch.Tensor] = LayoutCache("test tables")
+    built = []
+
+    def build(layout) -> torch.Tensor:
+        built.append(layout.uid)
+        return torch.zeros(layout.n_qblocks)
+
+    layout = compile_layout(Pattern("strided", stride=8), 100, 2, 16, 16)
+    value = cache.get(layout, build)
+    assert cache.get(layout, build) is value
+    assert built == [layout.uid] and layout in cache and len(cache) == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        with pytest.raises(RuntimeError, match="test tables: .* inside a torch.compile trace"):
+            cache.get(layout, build)
+    ref = weakref.ref(value)
+    del layout, value
+    _compile_cached.cache_clear()
+    gc.collect()
+    assert ref() is None and len(cache) == 0
