@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -25,7 +24,7 @@ from sparse_transformer.distributed.monitoring import (
     run_values,
     scrape,
 )
-from tests.test_submit import RayHead, ray_head, reset_ray_token_cache
+from tests.test_submit import RayHead, reset_ray_token_cache
 
 TRAINING_METRICS = tuple(METRIC_NAMES)  # the trainer's gauges (distributed/worker.py)
 
@@ -42,10 +41,9 @@ def check_sane(values: dict[str, float], *, on_gpu: bool = False) -> None:
     assert not problems, problems
 
 
-@pytest.fixture(scope="module")
-def head() -> Iterator[RayHead]:
-    with ray_head() as h:
-        yield h
+@pytest.fixture
+def head(shared_ray_head: RayHead) -> RayHead:
+    return shared_ray_head
 
 
 def test_metrics_endpoint_is_loopback_prometheus(head: RayHead) -> None:

@@ -14,8 +14,6 @@ secret the job was given; a relative run folder is refused inside a job.
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import subprocess
 import sys
 import time
@@ -27,27 +25,11 @@ import pytest
 from sparse_transformer.distributed.checkpoint import complete_checkpoints, verify_contents
 from sparse_transformer.distributed.submit import PROJECT_ROOT
 from tests.test_monitoring import prometheus_name, scrape
-from tests.test_submit import RayHead, ray_head
+from tests.test_submit import RayHead
 from tests.test_train import small_dataset  # noqa: F401 - fixture
 
 RUN = "ray-job-tiny"
 SECRET = "hunter2-job"
-
-
-def python_first_path(shim: Path) -> str:
-    """``PATH`` with ``python`` the suite's interpreter, as when the venv is activated.
-
-    Only ``python``: a folder holding a one-line script that runs this interpreter,
-    not the venv's whole ``bin``, whose ``ninja`` (1.13) would shadow the one the rest
-    of the suite finds on ``PATH``. The two hash their build commands differently, so
-    each switch rebuilds DeepSpeed's cached CPU op (TORCH_EXTENSIONS_DIR) for a minute:
-    once in this job's workers, once more in the next test that starts DeepSpeed.
-    """
-    shim.mkdir(parents=True, exist_ok=True)
-    python = shim / "python"
-    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
-    python.chmod(0o755)
-    return f"{shim}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def ray_cli(head: RayHead, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -99,40 +81,41 @@ def rest(head: RayHead, path: str) -> dict:
 def test_a_ray_user_submits_the_tiny_training_with_rays_own_cli(
     small_dataset: str,  # noqa: F811
     tmp_path: Path,
+    shared_ray_head: RayHead,
 ) -> None:
     stage = tmp_path / "stage"
     stage.mkdir()
     (stage / "sparse_transformer").symlink_to(PROJECT_ROOT)
     storage = tmp_path / "runs"
-    with ray_head(env={"PATH": python_first_path(tmp_path / "bin")}) as head:
-        # a relative run folder would land in the job's temporary working directory
-        submit(head, "st-relative", stage, "run.storage_path=runs", f"data.url={small_dataset}")
-        assert wait_terminal(head, "st-relative", 120) == "FAILED"
-        logs = ray_cli(head, "job", "logs", "--address", head.address, "st-relative").stdout
-        assert "run.storage_path: 'runs' is relative; inside Ray job st-relative" in logs
+    head = shared_ray_head  # `python` on its PATH is the suite's (python_first_path)
+    # a relative run folder would land in the job's temporary working directory
+    submit(head, "st-relative", stage, "run.storage_path=runs", f"data.url={small_dataset}")
+    assert wait_terminal(head, "st-relative", 120) == "FAILED"
+    logs = ray_cli(head, "job", "logs", "--address", head.address, "st-relative").stdout
+    assert "run.storage_path: 'runs' is relative; inside Ray job st-relative" in logs
 
-        submit(
-            head, "st-tiny", stage,
-            "model.n_ctx=64", "model.stride=8", "model.summary=4", "model.block_q=8",
-            "model.block_k=8", "model.embed_shape=[8,8]", "data.global_batch_size=4",
-            "data.eval_batch_size=4", f"data.url={small_dataset}", "data.prepare=false",
-            "scaling.num_workers=1",
-            "train.steps=12", "train.log_every=2", "train.eval_every=4", "train.eval_batches=2",
-            "train.checkpoint_every=12", "train.sample_length=8", f"run.name={RUN}",
-            f"run.storage_path={storage}", f"run.storage_options={{secret: {SECRET}}}",
-        )  # fmt: skip
-        seen: dict[str, float] = {}
+    submit(
+        head, "st-tiny", stage,
+        "model.n_ctx=64", "model.stride=8", "model.summary=4", "model.block_q=8",
+        "model.block_k=8", "model.embed_shape=[8,8]", "data.global_batch_size=4",
+        "data.eval_batch_size=4", f"data.url={small_dataset}", "data.prepare=false",
+        "scaling.num_workers=1",
+        "train.steps=12", "train.log_every=2", "train.eval_every=4", "train.eval_batches=2",
+        "train.checkpoint_every=12", "train.sample_length=8", f"run.name={RUN}",
+        f"run.storage_path={storage}", f"run.storage_options={{secret: {SECRET}}}",
+    )  # fmt: skip
+    seen: dict[str, float] = {}
 
-        def scrape_validation() -> None:
-            samples = scrape(head.metrics_url).get(prometheus_name("val_loss_bits"), [])
-            for labels, value in samples:
-                if labels.get("run") == RUN:
-                    seen["val"] = value
+    def scrape_validation() -> None:
+        samples = scrape(head.metrics_url).get(prometheus_name("val_loss_bits"), [])
+        for labels, value in samples:
+            if labels.get("run") == RUN:
+                seen["val"] = value
 
-        status = wait_terminal(head, "st-tiny", 300, while_running=scrape_validation)
-        logs = ray_cli(head, "job", "logs", "--address", head.address, "st-tiny").stdout
-        assert status == "SUCCEEDED", logs
-        runs = rest(head, "/api/train/v2/runs/v1")["train_runs"]
+    status = wait_terminal(head, "st-tiny", 300, while_running=scrape_validation)
+    logs = ray_cli(head, "job", "logs", "--address", head.address, "st-tiny").stdout
+    assert status == "SUCCEEDED", logs
+    runs = rest(head, "/api/train/v2/runs/v1")["train_runs"]
 
     assert "[train] running as Ray job st-tiny: joined its cluster" in logs
     assert f"[train] Ray dashboard: {head.address}\n" in logs  # the port Ray took

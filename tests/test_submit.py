@@ -17,6 +17,7 @@ import os
 import random
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -55,6 +56,22 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def python_first_path(shim: Path) -> str:
+    """``PATH`` with ``python`` the suite's interpreter, as when the venv is activated.
+
+    Only ``python``: a folder holding a one-line script that runs this interpreter,
+    not the venv's whole ``bin``, whose ``ninja`` (1.13) would shadow the one the rest
+    of the suite finds on ``PATH``. The two hash their build commands differently, so
+    each switch rebuilds DeepSpeed's cached CPU op (TORCH_EXTENSIONS_DIR) for a minute:
+    once in this job's workers, once more in the next test that starts DeepSpeed.
+    """
+    shim.mkdir(parents=True, exist_ok=True)
+    python = shim / "python"
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    return f"{shim}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 # `ray start --head` options, one free loopback port each
 RAY_PORTS = (
     "port",  # GCS
@@ -70,7 +87,7 @@ RAY_PORTS = (
 
 
 class RayHead:
-    """A single-node Ray cluster on loopback, owned by one test module."""
+    """A single-node Ray cluster on loopback (the job tests share one: conftest.py)."""
 
     def __init__(self, num_cpus: int = 2, env: dict[str, str] | None = None) -> None:
         # A short path: Ray's unix sockets live under the temp dir (108-byte limit).
@@ -243,10 +260,10 @@ def _fresh_token_cache() -> Iterator[None]:
     reset_ray_token_cache()
 
 
-@pytest.fixture(scope="module")
-def head() -> Iterator[RayHead]:
-    with ray_head() as h:
-        yield h
+@pytest.fixture
+def head(shared_ray_head: RayHead) -> RayHead:
+    """The session's head (conftest.py): these tests run first on it, before any job."""
+    return shared_ray_head
 
 
 @pytest.fixture

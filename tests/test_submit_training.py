@@ -20,15 +20,16 @@ from pathlib import Path
 import pytest
 
 from tests.test_monitoring import TRAINING_METRICS, check_sane, prometheus_name, scrape
-from tests.test_submit import RayHead, ray_head
+from tests.test_submit import RayHead
 
 STEPS = 30
 
 
 @pytest.mark.slow
-def test_tiny_training_submitted_followed_and_scraped(tmp_path: Path) -> None:
-    with ray_head() as head:
-        _run(head, tmp_path)
+def test_tiny_training_submitted_followed_and_scraped(
+    tmp_path: Path, shared_ray_head: RayHead
+) -> None:
+    _run(shared_ray_head, tmp_path)
 
 
 def _run(head: RayHead, tmp_path: Path) -> None:
