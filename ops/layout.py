@@ -49,7 +49,8 @@ from sparse_transformer.ops.patterns import Pattern
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
-# Component kinds of a head, in the head's own order:
+# Component kinds of a head, in the head's own order (the Triton kernels compile these
+# same numbers in as constants):
 #   band(W):      0 <= i - j <= W - 1        (causal: W = inf; strided A1: W = l + 1)
 #   chunk(L):     j <= i and i // L == j // L (fixed A1; permuted strided A2 with L = R)
 #   column(l):    j <= i and (i - j) % l == 0 (strided A2 without the permutation)
@@ -59,13 +60,39 @@ PART_BAND, PART_CHUNK, PART_COLUMN, PART_SUMMARY = 0, 1, 2, 3
 
 @dataclass(frozen=True)
 class Part:
-    """One component of a head's pattern in that head's order (see module doc)."""
+    """One component of a head's pattern in that head's order (the kinds above).
+
+    Each kind sets its own fields and leaves the others 0; build one with
+    :meth:`band`, :meth:`chunk`, :meth:`column` or :meth:`summary`.
+    """
 
     kind: int
-    a: int = 0
-    """band: width W; chunk: length L; column/summary: period l."""
+    width: int = 0
+    """band: W, a query reads the keys i - W < j <= i."""
+    length: int = 0
+    """chunk: L, the length of the chunks."""
+    period: int = 0
+    """column and summary: l, the period of the pattern."""
     lo: int = 0
+    """summary: the first cell (``j % l``) of the window a head reads."""
     hi: int = 0
+    """summary: one past the window's last cell."""
+
+    @classmethod
+    def band(cls, width: int) -> Part:
+        return cls(PART_BAND, width=width)
+
+    @classmethod
+    def chunk(cls, length: int) -> Part:
+        return cls(PART_CHUNK, length=length)
+
+    @classmethod
+    def column(cls, period: int) -> Part:
+        return cls(PART_COLUMN, period=period)
+
+    @classmethod
+    def summary(cls, period: int, lo: int, hi: int) -> Part:
+        return cls(PART_SUMMARY, period=period, lo=lo, hi=hi)
 
 
 @dataclass(frozen=True)
@@ -84,27 +111,27 @@ def _head_specs(pattern: Pattern, n: int, n_heads: int) -> list[HeadSpec]:
         comp = pattern.head_component(h)
         l = pattern.stride
         if pattern.kind == "dense":
-            specs.append(HeadSpec((Part(PART_BAND, big),)))
+            specs.append(HeadSpec((Part.band(big),)))
         elif pattern.kind == "local":
-            specs.append(HeadSpec((Part(PART_BAND, l),)))
+            specs.append(HeadSpec((Part.band(l),)))
         elif pattern.kind == "strided":
             if pattern.head_permuted(h):
                 rows = -(-n // l)
-                specs.append(HeadSpec((Part(PART_CHUNK, rows),), perm_stride=l))
+                specs.append(HeadSpec((Part.chunk(rows),), perm_stride=l))
                 continue
             parts = []
             if comp in ("a1", "union"):
-                parts.append(Part(PART_BAND, l + 1))
+                parts.append(Part.band(l + 1))
             if comp in ("a2", "union"):
-                parts.append(Part(PART_COLUMN, l))
+                parts.append(Part.column(l))
             specs.append(HeadSpec(tuple(parts)))
         else:  # fixed
             parts = []
             if comp in ("a1", "union"):
-                parts.append(Part(PART_CHUNK, l))
+                parts.append(Part.chunk(l))
             if comp in ("a2", "union"):
                 lo, hi = pattern.summary_window(h)
-                parts.append(Part(PART_SUMMARY, l, int(lo), int(hi)))
+                parts.append(Part.summary(l, int(lo), int(hi)))
             specs.append(HeadSpec(tuple(parts)))
     return specs
 
@@ -124,12 +151,12 @@ def _candidate_intervals(
     qs = qb * block_q
     qe1 = qs + block_q - 1  # last row of the block
     if part.kind == PART_BAND:
-        lo = torch.clamp(qs - (min(part.a, 1 << 40) - 1), min=0) // block_k
+        lo = torch.clamp(qs - (min(part.width, 1 << 40) - 1), min=0) // block_k
         return qb, lo, qe1 // block_k
     if part.kind == PART_CHUNK:
-        return qb, (qs // part.a) * part.a // block_k, qe1 // block_k
+        return qb, (qs // part.length) * part.length // block_k, qe1 // block_k
     # periodic components: one interval per period m = 0 .. qe1 // l
-    l = part.a
+    l = part.period
     rows, m = _ragged_arange(qe1 // l + 1)
     qs_r, qe1_r = qs[rows], qe1[rows]
     if part.kind == PART_COLUMN:
@@ -147,15 +174,15 @@ def _classify(
     """(present, full) of blocks [qs, qe1] x [ks, ke1] (inclusive bounds), exactly."""
     dmin, dmax = qs - ke1, qe1 - ks  # range of i - j over the block
     if part.kind == PART_BAND:
-        w1 = min(part.a, 1 << 40) - 1
+        w1 = min(part.width, 1 << 40) - 1
         return (dmax >= 0) & (dmin <= w1), (dmin >= 0) & (dmax <= w1)
     if part.kind == PART_CHUNK:
-        L = part.a
+        L = part.length
         cq0, cq1, ck0, ck1 = qs // L, qe1 // L, ks // L, ke1 // L
         present = (ks <= qe1) & (torch.maximum(cq0, ck0) <= torch.minimum(cq1, ck1))
         full = (cq0 == cq1) & (ck0 == ck1) & (cq0 == ck0) & (ke1 <= qs)
         return present, full
-    l = part.a
+    l = part.period
     if part.kind == PART_COLUMN:
         a = torch.clamp(dmin, min=0)
         present = (dmax >= 0) & ((a + l - 1) // l * l <= dmax)

@@ -20,9 +20,13 @@ beyond n load as zeros and are never stored.
 The pattern's component kinds are compile-time constants: the heads are
 launched in groups that share them (for example the A1 and the A2 heads of a
 multi-head layer), and the row/column predicates are computed on vectors, so a
-partial block costs little more than a full one. A layout's per-group parameters
-and launches are built once, in this module's ``LayoutCache``, and are freed with
-the layout.
+partial block costs little more than a full one. The numbers of each head group
+(its order, its components' sizes and summary windows) are one row of a small
+int32 table, :class:`GroupRow`; the kernels read its columns, and compare the
+kinds, through ``tl.constexpr`` globals made from those names and from the
+layout's ``PART_*`` kinds, so host and kernels share one definition. A layout's
+table and launches are built once, in this module's ``LayoutCache``, and are
+freed with the layout.
 
 Registered as the custom ops ``sparse_transformer::block_sparse_attn_fwd`` /
 ``_bwd`` with fake implementations, so ``torch.compile`` and activation
@@ -45,19 +49,39 @@ from sparse_transformer.ops.layout import (
     PART_COLUMN,
     PART_SUMMARY,
     BlockLayout,
+    HeadSpec,
     LayoutCache,
+    Part,
     layout_by_uid,
 )
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
-# _part_mask's KIND codes are the layout's part kinds
-assert (PART_BAND, PART_CHUNK, PART_COLUMN, PART_SUMMARY) == (0, 1, 2, 3)
-_NO_PART = -1
+NO_PART = -1
+"""The kind of a group's second component when it has only one."""
 _INT32_BIG = 1 << 30
 POISON_OUTPUTS = False
 """Tests set this: outputs start as NaN instead of uninitialised memory, so an
 element a kernel fails to write shows."""
+
+
+class GroupRow(NamedTuple):
+    """One row of the kernels' per-group table (int32): a head group's order and its
+    one or two pattern components (see ``layout.Part``)."""
+
+    perm_stride: int
+    """l of the group's transposed (R, l) order; 0 for the natural order."""
+    rows: int
+    """R = ceil(n / l) of the transposed order; 1 for the natural order."""
+    size0: int
+    """The first component's width (band), length (chunk) or period (column, summary)."""
+    lo0: int
+    """The first component's summary window is [lo0, hi0) (0, 0 for other kinds)."""
+    hi0: int
+    size1: int
+    """The second component's, as the first's (1, 0, 0 when there is none)."""
+    lo1: int
+    hi1: int
 
 
 def _new_like(x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +91,24 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------
+# Compile-time constants of the kernels, made from the very numbers the host side uses
+# (Triton reads a module global inside @triton.jit only if it is a tl.constexpr).
+_BAND = tl.constexpr(PART_BAND)
+_CHUNK = tl.constexpr(PART_CHUNK)
+_COLUMN = tl.constexpr(PART_COLUMN)
+_SUMMARY = tl.constexpr(PART_SUMMARY)
+_NO_PART = tl.constexpr(NO_PART)
+_GROUP_COLUMNS = tl.constexpr(len(GroupRow._fields))
+_COL_PERM_STRIDE = tl.constexpr(GroupRow._fields.index("perm_stride"))
+_COL_ROWS = tl.constexpr(GroupRow._fields.index("rows"))
+_COL_SIZE0 = tl.constexpr(GroupRow._fields.index("size0"))
+_COL_LO0 = tl.constexpr(GroupRow._fields.index("lo0"))
+_COL_HI0 = tl.constexpr(GroupRow._fields.index("hi0"))
+_COL_SIZE1 = tl.constexpr(GroupRow._fields.index("size1"))
+_COL_LO1 = tl.constexpr(GroupRow._fields.index("lo1"))
+_COL_HI1 = tl.constexpr(GroupRow._fields.index("hi1"))
+
+
 @triton.jit
 def _row_map(p, perm_l, rows, n, PERMUTED: tl.constexpr):
     """Original row of head-order positions ``p`` and whether it is a real row."""
@@ -78,27 +120,40 @@ def _row_map(p, perm_l, rows, n, PERMUTED: tl.constexpr):
 
 
 @triton.jit
-def _part_mask(i, j, KIND: tl.constexpr, a, lo, hi):
-    """Is (i, j) allowed by one component? ``i`` and ``j`` broadcast to the tile."""
+def _part_mask(i, j, KIND: tl.constexpr, size, lo, hi):
+    """Is (i, j) allowed by one component? ``i`` and ``j`` broadcast to the tile;
+    ``size`` is the component's width, length or period (``GroupRow``)."""
     causal = j <= i
-    if KIND == 0:  # band: 0 <= i - j < a
-        m = causal & (i - j < a)
-    elif KIND == 1:  # chunk of a
-        m = causal & ((i // a) == (j // a))
-    elif KIND == 2:  # column: same residue mod a
-        m = causal & ((i % a) == (j % a))
-    else:  # summary cells lo <= j % a < hi
-        r = j % a
+    if KIND == _BAND:  # 0 <= i - j < width
+        m = causal & (i - j < size)
+    elif KIND == _CHUNK:  # the same chunk of length
+        m = causal & ((i // size) == (j // size))
+    elif KIND == _COLUMN:  # the same residue mod period
+        m = causal & ((i % size) == (j % size))
+    else:  # _SUMMARY: the cells lo <= j % period < hi
+        r = j % size
         m = causal & (r >= lo) & (r < hi)
     return m
 
 
 @triton.jit
-def _allowed(i, j, params, KIND0: tl.constexpr, KIND1: tl.constexpr):
-    m = _part_mask(i, j, KIND0, tl.load(params + 2), tl.load(params + 3), tl.load(params + 4))
-    if KIND1 >= 0:
+def _allowed(i, j, group_row, KIND0: tl.constexpr, KIND1: tl.constexpr):
+    m = _part_mask(
+        i,
+        j,
+        KIND0,
+        tl.load(group_row + _COL_SIZE0),
+        tl.load(group_row + _COL_LO0),
+        tl.load(group_row + _COL_HI0),
+    )
+    if KIND1 != _NO_PART:
         m = m | _part_mask(
-            i, j, KIND1, tl.load(params + 5), tl.load(params + 6), tl.load(params + 7)
+            i,
+            j,
+            KIND1,
+            tl.load(group_row + _COL_SIZE1),
+            tl.load(group_row + _COL_LO1),
+            tl.load(group_row + _COL_HI1),
         )
     return m
 
@@ -106,7 +161,7 @@ def _allowed(i, j, params, KIND0: tl.constexpr, KIND1: tl.constexpr):
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    heads, head_group, group_params,
+    heads, head_group, group_table,
     indptr, index, full,
     sm_scale_log2, n, H, HS, NQB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -118,9 +173,9 @@ def _fwd_kernel(
     b = bh // HS
     h = tl.load(heads + bh % HS)
     g = tl.load(head_group + h)
-    prm = group_params + g * 8
-    perm_l = tl.load(prm)
-    rows = tl.load(prm + 1)
+    group_row = group_table + g * _GROUP_COLUMNS
+    perm_l = tl.load(group_row + _COL_PERM_STRIDE)
+    rows = tl.load(group_row + _COL_ROWS)
 
     p_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     o_q, v_q = _row_map(p_q, perm_l, rows, n, PERMUTED)
@@ -145,7 +200,7 @@ def _fwd_kernel(
         v = tl.load(v_base + o_k[:, None] * svn + offs_d[None, :], mask=v_k[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
         if is_full == 0:
-            allowed = _allowed(p_q[:, None], p_k[None, :], prm, KIND0, KIND1)
+            allowed = _allowed(p_q[:, None], p_k[None, :], group_row, KIND0, KIND1)
             s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -169,7 +224,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,
-    heads, head_group, group_params,
+    heads, head_group, group_table,
     indptr, index, full,
     sm_scale, sm_scale_log2, n, H, HS, NQB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
@@ -181,9 +236,9 @@ def _bwd_dq_kernel(
     b = bh // HS
     h = tl.load(heads + bh % HS)
     g = tl.load(head_group + h)
-    prm = group_params + g * 8
-    perm_l = tl.load(prm)
-    rows = tl.load(prm + 1)
+    group_row = group_table + g * _GROUP_COLUMNS
+    perm_l = tl.load(group_row + _COL_PERM_STRIDE)
+    rows = tl.load(group_row + _COL_ROWS)
 
     p_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
     o_q, v_q = _row_map(p_q, perm_l, rows, n, PERMUTED)
@@ -212,7 +267,7 @@ def _bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
         p = tl.math.exp2(s - lse[:, None])
         if is_full == 0:
-            allowed = _allowed(p_q[:, None], p_k[None, :], prm, KIND0, KIND1)
+            allowed = _allowed(p_q[:, None], p_k[None, :], group_row, KIND0, KIND1)
             p = tl.where(allowed, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -229,7 +284,7 @@ def _bwd_dq_kernel(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,
-    heads, head_group, group_params,
+    heads, head_group, group_table,
     indptr, index, full,
     sm_scale, sm_scale_log2, n, H, HS, NKB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
@@ -242,9 +297,9 @@ def _bwd_dkdv_kernel(
     b = bh // HS
     h = tl.load(heads + bh % HS)
     g = tl.load(head_group + h)
-    prm = group_params + g * 8
-    perm_l = tl.load(prm)
-    rows = tl.load(prm + 1)
+    group_row = group_table + g * _GROUP_COLUMNS
+    perm_l = tl.load(group_row + _COL_PERM_STRIDE)
+    rows = tl.load(group_row + _COL_ROWS)
 
     p_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     o_k, v_k = _row_map(p_k, perm_l, rows, n, PERMUTED)
@@ -273,7 +328,7 @@ def _bwd_dkdv_kernel(
         st = tl.dot(k, tl.trans(q)) * sm_scale_log2  # (BLOCK_K, BLOCK_Q)
         pt = tl.math.exp2(st - lse[None, :])
         if is_full == 0:
-            allowed = _allowed(p_q[None, :], p_k[:, None], prm, KIND0, KIND1)
+            allowed = _allowed(p_q[None, :], p_k[:, None], group_row, KIND0, KIND1)
             pt = tl.where(allowed, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do)
         dpt = tl.dot(v, tl.trans(do))
@@ -309,36 +364,50 @@ class _Launch(NamedTuple):
 class _LaunchPlan(NamedTuple):
     """What the kernels read of a layout besides its CSR lists."""
 
-    table: torch.Tensor  # (G, 8) int32: per-group parameters
+    table: torch.Tensor  # (G, len(GroupRow._fields)) int32: one GroupRow per group
     launches: list[_Launch]
 
 
 _PLANS: LayoutCache[_LaunchPlan] = LayoutCache("triton backend: launch plans")
 
 
+def _part_size(part: Part) -> int:
+    """The one length ``_part_mask`` reads for ``part``."""
+    if part.kind == PART_BAND:
+        return part.width
+    if part.kind == PART_CHUNK:
+        return part.length
+    assert part.kind in (PART_COLUMN, PART_SUMMARY)
+    return part.period
+
+
+def _group_row(spec: HeadSpec, n: int) -> tuple[GroupRow, int, int]:
+    """A group's table row and the kinds of its two components (``NO_PART`` for none)."""
+    if len(spec.parts) > 2:
+        raise ValueError("triton backend: at most two components per head")
+    cols, kinds = [], []
+    for part in spec.parts:
+        cols += [min(_part_size(part), _INT32_BIG), part.lo, part.hi]
+        kinds.append(part.kind)
+    while len(kinds) < 2:
+        cols += [1, 0, 0]
+        kinds.append(NO_PART)
+    rows = -(-n // spec.perm_stride) if spec.perm_stride else 1
+    return GroupRow(spec.perm_stride, rows, *cols), kinds[0], kinds[1]
+
+
 def _build_plan(layout: BlockLayout) -> _LaunchPlan:
-    params = []
-    sig_of_group = []
+    table, sig_of_group = [], []
     for spec in layout.specs:
-        rows = -(-layout.n // spec.perm_stride) if spec.perm_stride else 1
-        row = [spec.perm_stride, rows]
-        kinds = []
-        for part in spec.parts[:2]:
-            row += [min(part.a, _INT32_BIG), part.lo, part.hi]
-            kinds.append(part.kind)
-        if len(spec.parts) > 2:
-            raise ValueError("triton backend: at most two components per head")
-        while len(row) < 8:
-            row += [1, 0, 0]
-            kinds.append(_NO_PART)
-        params.append(row[:8])
-        sig_of_group.append((*kinds[:2], bool(spec.perm_stride)))
+        row, kind0, kind1 = _group_row(spec, layout.n)
+        table.append(row)
+        sig_of_group.append((kind0, kind1, bool(spec.perm_stride)))
     sigs: dict[tuple[int, int, bool], list[int]] = {}
     for h, g in enumerate(layout.head_group.tolist()):
         sigs.setdefault(sig_of_group[g], []).append(h)
     dev = layout.device
     return _LaunchPlan(
-        table=torch.tensor(params, dtype=torch.int32, device=dev),
+        table=torch.tensor(table, dtype=torch.int32, device=dev),
         launches=[
             _Launch(k0, k1, perm, torch.tensor(hs, dtype=torch.int32, device=dev))
             for (k0, k1, perm), hs in sigs.items()
@@ -347,8 +416,7 @@ def _build_plan(layout: BlockLayout) -> _LaunchPlan:
 
 
 def _launch_plan(layout: BlockLayout) -> _LaunchPlan:
-    """The layout's per-group parameters and launches, built once per layout and freed
-    with it."""
+    """The layout's group table and launches, built once per layout and freed with it."""
     return _PLANS.get(layout, _build_plan)
 
 
@@ -550,7 +618,9 @@ def triton_sparse_attention(
 
 
 __all__ = [
+    "NO_PART",
     "SUPPORTED_HEAD_DIMS",
+    "GroupRow",
     "autotuned_configs",
     "block_sparse_attn_bwd",
     "block_sparse_attn_fwd",

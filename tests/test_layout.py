@@ -176,3 +176,19 @@ def test_layout_cache_builds_once_and_forgets_dropped_layouts(
     _compile_cached.cache_clear()
     gc.collect()
     assert ref() is None and len(cache) == 0
+
+
+def test_parts_name_what_they_measure() -> None:
+    """A component's numbers are named by kind: a band's width, a chunk's length, the
+    period (and summary window) of the periodic kinds."""
+    from sparse_transformer.ops.layout import PART_BAND, PART_CHUNK, PART_COLUMN, Part
+
+    fixed = pattern_for_layer("fixed", mode="merged", layer=0, n_heads=2, stride=16, summary=4)
+    chunk, summary = compile_layout(fixed, 64, 2, 16, 16).specs[0].parts
+    assert (chunk.kind, chunk.length) == (PART_CHUNK, 16)
+    assert (summary.period, summary.lo, summary.hi) == (16, 12, 16)
+    strided = pattern_for_layer("strided", mode="merged", layer=0, n_heads=2, stride=8)
+    assert compile_layout(strided, 64, 2, 16, 16).specs[0].parts == (
+        Part(PART_BAND, width=9),
+        Part(PART_COLUMN, period=8),
+    )
