@@ -110,13 +110,64 @@ _COL_HI1 = tl.constexpr(GroupRow._fields.index("hi1"))
 
 
 @triton.jit
-def _row_map(p, perm_l, rows, n, PERMUTED: tl.constexpr):
-    """Original row of head-order positions ``p`` and whether it is a real row."""
+def _program_head(heads, head_group, group_table, HS):
+    """This program's batch ``b``, head ``h``, the head's group ``g``, the group's table
+    row and its order (``perm_l``, ``rows``). Program axis 1 runs over batch x the
+    launch's ``HS`` heads."""
+    bh = tl.program_id(1)
+    b = bh // HS
+    h = tl.load(heads + bh % HS)
+    g = tl.load(head_group + h)
+    group_row = group_table + g * _GROUP_COLUMNS
+    perm_l = tl.load(group_row + _COL_PERM_STRIDE)
+    rows = tl.load(group_row + _COL_ROWS)
+    return b, h, g, group_row, perm_l, rows
+
+
+@triton.jit
+def _block_rows(blk, BLOCK: tl.constexpr, perm_l, rows, n, PERMUTED: tl.constexpr):
+    """Block ``blk``'s head-order positions ``p``, their original rows and which of
+    those are real rows (below n)."""
+    p = blk * BLOCK + tl.arange(0, BLOCK)
     if PERMUTED:
         orig = tl.where(p < rows * perm_l, (p % rows) * perm_l + p // rows, p)
     else:
         orig = p
-    return orig, orig < n
+    return p, orig, orig < n
+
+
+@triton.jit
+def _block_list(indptr, g, blk, NBLK):
+    """[start, end) of block ``blk``'s entries in group ``g``'s CSR lists."""
+    ptr = indptr + g * (NBLK + 1) + blk
+    return tl.load(ptr), tl.load(ptr + 1)
+
+
+@triton.jit
+def _load_tile(base, orig, valid, stride, offs_d):
+    """Rows ``orig`` of the (n, D) matrix at ``base`` (row stride ``stride``); zeros
+    for rows that are not ``valid``."""
+    return tl.load(base + orig[:, None] * stride + offs_d[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _store_tile(base, orig, valid, stride, offs_d, x):
+    """Store ``x`` as rows ``orig`` of the (n, D) matrix at ``base``, real rows only."""
+    tl.store(
+        base + orig[:, None] * stride + offs_d[None, :],
+        x.to(base.dtype.element_ty),
+        mask=valid[:, None],
+    )
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, row_base, orig, valid):
+    """The forward's log-sum-exp of rows ``orig`` (+inf where a row read nothing, so
+    its probabilities come out 0) and delta = rowsum(dO * O)."""
+    lse = tl.load(LSE + row_base + orig, mask=valid, other=float("-inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + row_base + orig, mask=valid, other=0.0)
+    return lse, delta
 
 
 @triton.jit
@@ -169,35 +220,23 @@ def _fwd_kernel(
     KIND0: tl.constexpr, KIND1: tl.constexpr, PERMUTED: tl.constexpr,
 ):  # fmt: skip
     qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HS
-    h = tl.load(heads + bh % HS)
-    g = tl.load(head_group + h)
-    group_row = group_table + g * _GROUP_COLUMNS
-    perm_l = tl.load(group_row + _COL_PERM_STRIDE)
-    rows = tl.load(group_row + _COL_ROWS)
-
-    p_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    o_q, v_q = _row_map(p_q, perm_l, rows, n, PERMUTED)
+    b, h, g, group_row, perm_l, rows = _program_head(heads, head_group, group_table, HS)
+    p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n, PERMUTED)
     offs_d = tl.arange(0, D)
-    q = tl.load(
-        Q + b * sqb + h * sqh + o_q[:, None] * sqn + offs_d[None, :], mask=v_q[:, None], other=0.0
-    )
+    q = _load_tile(Q + b * sqb + h * sqh, o_q, v_q, sqn, offs_d)
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, D], tl.float32)
 
-    start = tl.load(indptr + g * (NQB + 1) + qb)
-    end = tl.load(indptr + g * (NQB + 1) + qb + 1)
+    start, end = _block_list(indptr, g, qb, NQB)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     for e in range(start, end):
         kb = tl.load(index + e)
         is_full = tl.load(full + e)
-        p_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        o_k, v_k = _row_map(p_k, perm_l, rows, n, PERMUTED)
-        k = tl.load(k_base + o_k[:, None] * skn + offs_d[None, :], mask=v_k[:, None], other=0.0)
-        v = tl.load(v_base + o_k[:, None] * svn + offs_d[None, :], mask=v_k[:, None], other=0.0)
+        p_k, o_k, v_k = _block_rows(kb, BLOCK_K, perm_l, rows, n, PERMUTED)
+        k = _load_tile(k_base, o_k, v_k, skn, offs_d)
+        v = _load_tile(v_base, o_k, v_k, svn, offs_d)
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
         if is_full == 0:
             allowed = _allowed(p_q[:, None], p_k[None, :], group_row, KIND0, KIND1)
@@ -212,11 +251,7 @@ def _fwd_kernel(
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(
-        O + b * sob + h * soh + o_q[:, None] * son + offs_d[None, :],
-        out.to(O.dtype.element_ty),
-        mask=v_q[:, None],
-    )
+    _store_tile(O + b * sob + h * soh, o_q, v_q, son, offs_d, out)
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     tl.store(LSE + (b * H + h) * n + o_q, lse, mask=v_q)
 
@@ -232,38 +267,23 @@ def _bwd_dq_kernel(
     KIND0: tl.constexpr, KIND1: tl.constexpr, PERMUTED: tl.constexpr,
 ):  # fmt: skip
     qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HS
-    h = tl.load(heads + bh % HS)
-    g = tl.load(head_group + h)
-    group_row = group_table + g * _GROUP_COLUMNS
-    perm_l = tl.load(group_row + _COL_PERM_STRIDE)
-    rows = tl.load(group_row + _COL_ROWS)
-
-    p_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    o_q, v_q = _row_map(p_q, perm_l, rows, n, PERMUTED)
+    b, h, g, group_row, perm_l, rows = _program_head(heads, head_group, group_table, HS)
+    p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n, PERMUTED)
     offs_d = tl.arange(0, D)
-    rmask = v_q[:, None]
-    q = tl.load(Q + b * sqb + h * sqh + o_q[:, None] * sqn + offs_d[None, :], mask=rmask, other=0.0)
-    do = tl.load(
-        DO + b * sdob + h * sdoh + o_q[:, None] * sdon + offs_d[None, :], mask=rmask, other=0.0
-    )
-    lse = tl.load(LSE + (b * H + h) * n + o_q, mask=v_q, other=float("-inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + (b * H + h) * n + o_q, mask=v_q, other=0.0)
+    q = _load_tile(Q + b * sqb + h * sqh, o_q, v_q, sqn, offs_d)
+    do = _load_tile(DO + b * sdob + h * sdoh, o_q, v_q, sdon, offs_d)
+    lse, delta = _load_row_stats(LSE, DELTA, (b * H + h) * n, o_q, v_q)
     dq = tl.zeros([BLOCK_Q, D], tl.float32)
 
-    start = tl.load(indptr + g * (NQB + 1) + qb)
-    end = tl.load(indptr + g * (NQB + 1) + qb + 1)
+    start, end = _block_list(indptr, g, qb, NQB)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
     for e in range(start, end):
         kb = tl.load(index + e)
         is_full = tl.load(full + e)
-        p_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        o_k, v_k = _row_map(p_k, perm_l, rows, n, PERMUTED)
-        k = tl.load(k_base + o_k[:, None] * skn + offs_d[None, :], mask=v_k[:, None], other=0.0)
-        v = tl.load(v_base + o_k[:, None] * svn + offs_d[None, :], mask=v_k[:, None], other=0.0)
+        p_k, o_k, v_k = _block_rows(kb, BLOCK_K, perm_l, rows, n, PERMUTED)
+        k = _load_tile(k_base, o_k, v_k, skn, offs_d)
+        v = _load_tile(v_base, o_k, v_k, svn, offs_d)
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
         p = tl.math.exp2(s - lse[:, None])
         if is_full == 0:
@@ -274,11 +294,7 @@ def _bwd_dq_kernel(
         dq += tl.dot(ds.to(k.dtype), k)
 
     dq = dq * sm_scale
-    tl.store(
-        DQ + b * sdqb + h * sdqh + o_q[:, None] * sdqn + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=rmask,
-    )
+    _store_tile(DQ + b * sdqb + h * sdqh, o_q, v_q, sdqn, offs_d, dq)
 
 
 @triton.jit
@@ -293,38 +309,25 @@ def _bwd_dkdv_kernel(
     KIND0: tl.constexpr, KIND1: tl.constexpr, PERMUTED: tl.constexpr,
 ):  # fmt: skip
     kb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HS
-    h = tl.load(heads + bh % HS)
-    g = tl.load(head_group + h)
-    group_row = group_table + g * _GROUP_COLUMNS
-    perm_l = tl.load(group_row + _COL_PERM_STRIDE)
-    rows = tl.load(group_row + _COL_ROWS)
-
-    p_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    o_k, v_k = _row_map(p_k, perm_l, rows, n, PERMUTED)
+    b, h, g, group_row, perm_l, rows = _program_head(heads, head_group, group_table, HS)
+    p_k, o_k, v_k = _block_rows(kb, BLOCK_K, perm_l, rows, n, PERMUTED)
     offs_d = tl.arange(0, D)
-    kmask = v_k[:, None]
-    k = tl.load(K + b * skb + h * skh + o_k[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + o_k[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
+    k = _load_tile(K + b * skb + h * skh, o_k, v_k, skn, offs_d)
+    v = _load_tile(V + b * svb + h * svh, o_k, v_k, svn, offs_d)
     dk = tl.zeros([BLOCK_K, D], tl.float32)
     dv = tl.zeros([BLOCK_K, D], tl.float32)
 
-    start = tl.load(indptr + g * (NKB + 1) + kb)
-    end = tl.load(indptr + g * (NKB + 1) + kb + 1)
+    start, end = _block_list(indptr, g, kb, NKB)
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdob + h * sdoh
     row_base = (b * H + h) * n
     for e in range(start, end):
         qb = tl.load(index + e)
         is_full = tl.load(full + e)
-        p_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        o_q, v_q = _row_map(p_q, perm_l, rows, n, PERMUTED)
-        q = tl.load(q_base + o_q[:, None] * sqn + offs_d[None, :], mask=v_q[:, None], other=0.0)
-        do = tl.load(do_base + o_q[:, None] * sdon + offs_d[None, :], mask=v_q[:, None], other=0.0)
-        lse = tl.load(LSE + row_base + o_q, mask=v_q, other=float("-inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        delta = tl.load(DELTA + row_base + o_q, mask=v_q, other=0.0)
+        p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n, PERMUTED)
+        q = _load_tile(q_base, o_q, v_q, sqn, offs_d)
+        do = _load_tile(do_base, o_q, v_q, sdon, offs_d)
+        lse, delta = _load_row_stats(LSE, DELTA, row_base, o_q, v_q)
         st = tl.dot(k, tl.trans(q)) * sm_scale_log2  # (BLOCK_K, BLOCK_Q)
         pt = tl.math.exp2(st - lse[None, :])
         if is_full == 0:
@@ -336,16 +339,8 @@ def _bwd_dkdv_kernel(
         dk += tl.dot(dst.to(q.dtype), q)
 
     dk = dk * sm_scale
-    tl.store(
-        DK + b * sdkb + h * sdkh + o_k[:, None] * sdkn + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=kmask,
-    )
-    tl.store(
-        DV + b * sdvb + h * sdvh + o_k[:, None] * sdvn + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=kmask,
-    )
+    _store_tile(DK + b * sdkb + h * sdkh, o_k, v_k, sdkn, offs_d, dk)
+    _store_tile(DV + b * sdvb + h * sdvh, o_k, v_k, sdvn, offs_d, dv)
 
 
 # ----------------------------------------------------------------------------------------
