@@ -23,6 +23,13 @@ from tests.test_monitoring import TRAINING_METRICS, check_sane, prometheus_name,
 from tests.test_submit import RayHead
 
 STEPS = 30
+# tiny at a context of 64 (as in test_ray_jobs): what is checked here is the path from
+# submit to the job, its logs and the metrics, not the model; n = 1,024 made each of the
+# 30 steps cost ~2.5 s on two cores.
+SMALL = (
+    "model.n_ctx=64", "model.stride=8", "model.summary=4", "model.block_q=8", "model.block_k=8",
+    "model.embed_shape=[8,8]", "train.sample_length=8",
+)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -56,6 +63,7 @@ def _run(head: RayHead, tmp_path: Path) -> None:
         "--follow",
         "--config",
         "tiny",
+        *SMALL,
         f"train.steps={STEPS}",
         "train.log_every=2",
         f"train.eval_every={STEPS}",
