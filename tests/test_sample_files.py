@@ -1,7 +1,8 @@
 """``sparse-transformer sample``'s files (issue 16), decoded with real readers: the PNG
 grids with Pillow (the pixels where the images source put them, a trained tiny model's
 completions not constant), the WAV files with soundfile (the dataset's rate, decoded
-mu-law), the text file's bytes.
+mu-law), the text file's bytes; and the command end to end from a checkpoint written in
+the real format (``checkpoint.write``), without Ray.
 """
 
 from __future__ import annotations
@@ -15,13 +16,23 @@ import soundfile
 import torch
 from PIL import Image
 
+from sparse_transformer.cli import main
 from sparse_transformer.data import load_manifest, mu_law_decode, prepare
-from sparse_transformer.distributed import evaluation
+from sparse_transformer.distributed import checkpoint, evaluation
 from sparse_transformer.distributed import sample_files as sf
 from sparse_transformer.model import SparseTransformer, SparseTransformerConfig
 from tests.test_data_formats import make_cifar_tarball, make_idx, make_tone, read_split
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models decode one token at a time: one thread is faster on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_model(
@@ -196,6 +207,17 @@ def test_audio_wav_files_at_the_dataset_rate(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--length"):
         sf.write_audio_samples(model, fmt, held, out, length=128)
 
+    # the command, from a checkpoint of that model: the same files by default
+    save_checkpoint(tmp_path / "run", model, url, 1)
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--length", "48",
+                 "--held-out", "1", "--completions", "1", "--seed", "5"]) == 0  # fmt: skip
+    folder = tmp_path / "run" / "samples" / "step1"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "completion-0-0-seed5.wav",
+        "validation-0.wav",
+    ]
+    assert soundfile.info(str(folder / "completion-0-0-seed5.wav")).frames == 128
+
 
 # ------------------------------------------------------------------ text and the command
 
@@ -208,6 +230,70 @@ def test_text_file_holds_the_bytes_sample_text_prints(tmp_path: Path) -> None:
     assert data.startswith(b"ab") and len(data) == 32
     assert data.decode("utf-8", errors="replace") == text
     assert sf.write_text(tmp_path / "t.txt", data).read_bytes() == data
+
+
+def save_checkpoint(run_dir: Path, model: SparseTransformer, data_url: str, step: int) -> Path:
+    """One complete checkpoint in the real format (no DeepSpeed part: ``model.pt`` is what
+    ``sample`` reads)."""
+    d = run_dir / f"checkpoint_{step:06d}"
+    d.mkdir(parents=True)
+    meta = checkpoint.make_meta(step=step, world_size=1, zero_stage=0, precision="fp32",
+                                model=model.config.to_dict(), data_url=data_url)  # fmt: skip
+    checkpoint.write(d, 0, save_engine=lambda _: None, rank_state={"step": step, "world_size": 1},
+                     meta=meta, model_state=model.state_dict())  # fmt: skip
+    return d
+
+
+def test_sample_command_writes_an_image_grid_from_a_checkpoint(
+    image_run: tuple[str, SparseTransformer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url, model = image_run
+    save_checkpoint(tmp_path / "run", model, url, 80)
+    args = ["sample", "--checkpoint", str(tmp_path / "run"), "--held-out", "2"]
+    assert main([*args, "--unconditional", "3", "--prompt", "x"]) == 0
+    out, err = capsys.readouterr()
+    folder = tmp_path / "run" / "samples" / "step80"  # the default: beside the checkpoint
+    assert out.splitlines() == [
+        f"[sample] wrote {folder / 'completions-seed0.png'}: 2 held-out images: the top half, "
+        "3 completion(s) of the lower half, the original",
+        f"[sample] wrote {folder / 'unconditional-seed0.png'}: 3 unconditional images",
+    ]
+    assert "--prompt: not used for image data" in err
+    _, grid = read_png(folder / "completions-seed0.png")
+    assert grid.shape == grid_size(2, 5, 8, 8, 8)  # prompt, 3 completions, original
+    _, uncond = read_png(folder / "unconditional-seed0.png")
+    assert uncond.shape == grid_size(1, 3, 8, 8, 8)
+
+    assert main([*args, "--completions", "1", "--seed", "2", "--out", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().out.startswith(f"[sample] wrote {tmp_path / 'o'}/completions-seed2")
+    _, grid = read_png(tmp_path / "o" / "completions-seed2.png")
+    assert grid.shape == grid_size(2, 3, 8, 8, 8)
+
+
+def test_sample_command_on_text_prints_and_writes_the_bytes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "corpus.txt").write_bytes(b"the quick brown fox jumps over the lazy dog. " * 200)
+    url = f"file://{tmp_path}/text"
+    prepare("text", url, path=str(tmp_path / "corpus.txt"), seq_len=64)
+    model = tiny_model(64, (8, 8), 8)
+    ckpt = save_checkpoint(tmp_path / "run", model, url, 3)
+    assert (
+        main(["sample", "--checkpoint", str(ckpt), "--length", "20", "--out", str(tmp_path)]) == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    data = (tmp_path / "text-seed0.txt").read_bytes()
+    assert data.startswith(b"The ") and len(data) == 24
+    assert out == [data.decode("utf-8", errors="replace"),
+                   f"[sample] wrote {tmp_path / 'text-seed0.txt'}: 24 bytes"]  # fmt: skip
+
+    # a dataset that is gone: text as before, one line on stderr says why
+    moved = save_checkpoint(tmp_path / "run2", model, f"file://{tmp_path}/gone", 3)
+    assert main(["sample", "--checkpoint", str(moved), "--length", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("The ") and "dataset cannot be read" in err
+    assert (tmp_path / "run2" / "samples" / "step3" / "text-seed0.txt").is_file()
+    assert main(["sample", "--checkpoint", str(moved), "--data", f"file://{tmp_path}/gone"]) == 2
 
 
 def test_default_folder_beside_a_local_checkpoint_or_under_samples() -> None:
