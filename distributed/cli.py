@@ -259,7 +259,11 @@ def _sample_arguments(q: argparse.ArgumentParser) -> None:
         "checkpoint, ./samples/NAME/stepN for a remote one)",
     )
     q.add_argument("--data", default="", help="dataset URL (default: the run's)")
-    q.add_argument("--split", default="validation", help="held-out examples to prompt from")
+    q.add_argument(
+        "--split",
+        default="validation",
+        help="images/audio: the split whose first examples are the prompts (default validation)",
+    )
     q.add_argument("--prompt", default=None, help='text: the bytes to continue (default "The ")')
     q.add_argument(
         "--length",
