@@ -97,12 +97,13 @@ def _sgd_update(zero_stage: int, scaled: bool) -> tuple[torch.Tensor, torch.Tens
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_updates_are_right_at_every_zero_stage() -> None:
-    """One fp16 SGD step equals -lr x the gradient at ZeRO 0 and 1 through the adapter;
-    DeepSpeed's own backward at ZeRO 0 gives it divided by the loss scale (the bug the
-    adapter works around)."""
+    """One fp16 SGD step equals -lr x the gradient at ZeRO 0 and 1 through the adapter.
+    DeepSpeed's own backward at ZeRO 0 (the bug the adapter works around) divides the
+    unscaled gradient by the loss scale: the update, 4,096 times too small, mostly falls
+    below the fp16 weights' resolution."""
     for stage in (0, 1):
         update, expected, scale = _sgd_update(stage, scaled=True)
         assert scale == 2.0**12
         torch.testing.assert_close(update, expected, rtol=2e-2, atol=2e-4)
-    update, expected, scale = _sgd_update(0, scaled=False)
-    torch.testing.assert_close(update * scale, expected, rtol=2e-2, atol=2e-4)
+    update, expected, _ = _sgd_update(0, scaled=False)
+    assert update.abs().max() < expected.abs().max() / 100, (update.abs().max(), expected)
