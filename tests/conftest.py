@@ -62,7 +62,8 @@ class _SharedRayHead:
             from tests.test_submit import RayHead, python_first_path
 
             head = RayHead()
-            # `ray job submit -- python ...` as a user with the venv activated would
+            # test_ray_jobs' entrypoint is `python -m sparse_transformer ...`, as a user
+            # with the venv activated would write it: `python` is this interpreter
             head.env["PATH"] = python_first_path(head.temp_dir / "bin")
             head.start()
             self.head = head
