@@ -72,19 +72,8 @@ def prepare(
     t0 = time.monotonic()
     out = storage.normalize_url(out)
     opener = get_source(source)
-    if not overwrite:
-        existing = _existing(out, storage_options)
-        if existing is not None:
-            name = existing.source.get("name")
-            if name != source or (seq_len is not None and existing.seq_len != seq_len):
-                raise ValueError(
-                    f"{out} already holds {name} with seq_len {existing.seq_len}, not {source} "
-                    f"with seq_len {seq_len}; nothing was changed. To train on it as it is, "
-                    "leave preparation out (data.prepare=false); to prepare "
-                    f"{source}, choose another location"
-                )
-            log.info("%s: reusing the prepared %s dataset", out, name)
-            return existing
+    if not overwrite and (existing := _reusable(out, source, seq_len, storage_options)):
+        return existing
     data = opener(path, seq_len=seq_len, cache_dir=cache_dir, download=download, **source_options)
     if seq_len is not None and data.seq_len != seq_len:
         log.warning(
@@ -92,6 +81,7 @@ def prepare(
         )
     fs, root = storage.filesystem(out, storage_options, RetryPolicy())
     manifest_path = storage.join(root, MANIFEST_NAME)
+    per_shard = samples_per_shard(data.seq_len, shard_bytes)
     written: list[str] = []
     try:
         with data:
@@ -100,40 +90,11 @@ def prepare(
                 if fs.exists(manifest_path):
                     log.info("%s: removing the previous manifest before rewriting", out)
                     fs.rm_file(manifest_path)
-            split_infos: dict[str, SplitInfo] = {}
-            per_shard = samples_per_shard(data.seq_len, shard_bytes)
-            for split in splits:
-                if split not in data.splits:
-                    raise ValueError(f"{source}: no split {split!r}; it has {sorted(data.splits)}")
-
-                def report(info: ShardInfo, split: str = split) -> None:
-                    log.info(
-                        "%s: wrote %s (%d samples, %d bytes)",
-                        out,
-                        info.path,
-                        info.num_samples,
-                        info.num_bytes,
-                    )
-
-                writer = SplitWriter(
-                    fs=fs,
-                    root=root,
-                    split=split,
-                    seq_len=data.seq_len,
-                    samples_per_shard=per_shard,
-                    compression=compression,
-                    metadata={"source": data.name, "seq_len": str(data.seq_len)},
-                    on_shard=report,
-                    written=written,
-                )
-                writer.add_all(data.splits[split]())
-                split_infos[split] = writer.close()
-            train = split_infos.get("train")
-            if train is not None and train.num_samples == 0:
-                raise MalformedSourceError(
-                    f"{source}: the input holds no whole sample of {data.seq_len} tokens for "
-                    f"the train split ({train.dropped_tokens:,} tokens); nothing was written"
-                )
+            split_infos = {
+                split: _write_split(data, split, fs, root, out, per_shard, compression, written)
+                for split in _check_splits(source, data, splits)
+            }
+            _check_train_split(source, data.seq_len, split_infos.get("train"))
             manifest = Manifest(
                 seq_len=data.seq_len,
                 tokenizer=data.tokenizer,
@@ -158,6 +119,73 @@ def prepare(
         ", ".join(f"{k} {v.num_samples} samples" for k, v in manifest.splits.items()),
     )
     return manifest
+
+
+def _reusable(
+    out: str, source: str, seq_len: int | None, storage_options: dict[str, Any] | None
+) -> Manifest | None:
+    """The complete dataset of ``source`` (at ``seq_len``) already at ``out``, or None
+    when there is none; a dataset of another source or length raises ValueError."""
+    existing = _existing(out, storage_options)
+    if existing is None:
+        return None
+    name = existing.source.get("name")
+    if name != source or (seq_len is not None and existing.seq_len != seq_len):
+        raise ValueError(
+            f"{out} already holds {name} with seq_len {existing.seq_len}, not {source} "
+            f"with seq_len {seq_len}; nothing was changed. To train on it as it is, "
+            "leave preparation out (data.prepare=false); to prepare "
+            f"{source}, choose another location"
+        )
+    log.info("%s: reusing the prepared %s dataset", out, name)
+    return existing
+
+
+def _write_split(
+    data: Any,
+    split: str,
+    fs: Any,
+    root: str,
+    out: str,
+    per_shard: int,
+    compression: str,
+    written: list[str],
+) -> SplitInfo:
+    """Write one split's shards (their paths appended to ``written`` as they land)."""
+
+    def report(info: ShardInfo) -> None:
+        log.info(
+            "%s: wrote %s (%d samples, %d bytes)", out, info.path, info.num_samples, info.num_bytes
+        )
+
+    writer = SplitWriter(
+        fs=fs,
+        root=root,
+        split=split,
+        seq_len=data.seq_len,
+        samples_per_shard=per_shard,
+        compression=compression,
+        metadata={"source": data.name, "seq_len": str(data.seq_len)},
+        on_shard=report,
+        written=written,
+    )
+    writer.add_all(data.splits[split]())
+    return writer.close()
+
+
+def _check_splits(source: str, data: Any, splits: Sequence[str]) -> Sequence[str]:
+    for split in splits:
+        if split not in data.splits:
+            raise ValueError(f"{source}: no split {split!r}; it has {sorted(data.splits)}")
+    return splits
+
+
+def _check_train_split(source: str, seq_len: int, train: SplitInfo | None) -> None:
+    if train is not None and train.num_samples == 0:
+        raise MalformedSourceError(
+            f"{source}: the input holds no whole sample of {seq_len} tokens for "
+            f"the train split ({train.dropped_tokens:,} tokens); nothing was written"
+        )
 
 
 def _existing(out: str, storage_options: dict[str, Any] | None) -> Manifest | None:
