@@ -237,7 +237,10 @@ def measure_deepspeed(
     """A whole training step (forward, backward, loss scaling, Adam) through the
     trainer's DeepSpeed engine, compiled, without Ray: what DeepSpeed adds to the bare
     step, and where (its own host syncs included). ``mode`` ``deepspeed-cudagraphs``
-    replays the compiled blocks as CUDA graphs (``model.compile: cudagraphs``)."""
+    replays the compiled blocks as CUDA graphs (``model.compile: cudagraphs``);
+    ``deepspeed-autocast`` runs fp32 weights under ``torch_autocast`` at ZeRO 0."""
+    from sparse_transformer.distributed import deepspeed_adapter
+
     cpu = device.type == "cpu"
     model = build(name, "sparse", device, torch.float32)
     graphs = mode == "deepspeed-cudagraphs"
@@ -246,8 +249,6 @@ def measure_deepspeed(
     if zero_stage < 3:  # ZeRO 3's parameter hooks and compiled blocks do not mix
         model.compile_blocks(mode="reduce-overhead" if graphs else "default")
     engine = _deepspeed_engine(name, model, cpu, zero_stage, autocast)
-    from sparse_transformer.distributed import deepspeed_adapter
-
     cfg = model.config
     batch = torch.randint(0, cfg.vocab_size, (CONFIGS[name]["batch"], cfg.n_ctx), device=device)
     targets = batch.roll(-1, dims=1)

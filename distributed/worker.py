@@ -198,13 +198,13 @@ class Trainer:
         self.count = _Counters()
         self.window = _Window(torch.zeros((), dtype=torch.float64, device=self.device))
         registered = ray.train.get_checkpoint()
-        state = self._build_engine(Path(registered.path).name if registered else None)
+        resumed = self._build_engine(Path(registered.path).name if registered else None)
         self.train_ds = self._dataset(
             "train", global_batch_size=cfg.data.global_batch_size, seed=cfg.data.seed,
             shuffle_window=cfg.data.shuffle_window,
         )  # fmt: skip
-        if state is not None:
-            self.restore(state)
+        if resumed is not None:
+            self.restore(*resumed)
         self.val_ds = self._dataset(
             "validation",
             global_batch_size=cfg.data.eval_batch_size or cfg.data.global_batch_size,
@@ -227,10 +227,11 @@ class Trainer:
         if self.rank == 0:
             self.console.info(line)
 
-    def _build_engine(self, registered: str | None) -> dict[str, Any] | None:
+    def _build_engine(self, registered: str | None) -> tuple[dict[str, Any], str] | None:
         """The model (compiled per ``model.compile``) and its DeepSpeed engine, restored
-        from the newest intact checkpoint; returns this rank's saved state (None on a
-        fresh start). ``registered``: the checkpoint Ray Train handed this worker."""
+        from the newest intact checkpoint; returns (this rank's saved state, the
+        checkpoint's URL), None on a fresh start. ``registered``: the checkpoint Ray
+        Train handed this worker."""
         cfg = self.cfg
         with contextlib.ExitStack() as stack:
             stack.enter_context(ckpt_io.weights_only_loads())  # DeepSpeed's loads included
@@ -246,8 +247,7 @@ class Trainer:
             torch.manual_seed(cfg.train.seed + 1000 * (self.rank + 1))  # this rank's dropout
             if found is None:
                 return None
-            self.resumed_from = found.url
-            return self.checkpointer.restore(stack, self.engine, found)
+            return self.checkpointer.restore(stack, self.engine, found), found.url
 
     def _dataset(self, split: str, **kwargs: Any) -> Any:
         """This rank's share of ``split``, whole batches of the global batch."""
@@ -266,7 +266,7 @@ class Trainer:
             )
         return ds_
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any], url: str) -> None:
         """Continue from a checkpoint's rank state: the step, the data position, the
         RNG streams and (rank 0) the open log window."""
         step = self.count.step = int(state["step"])
@@ -282,7 +282,7 @@ class Trainer:
             # a resumed run reports the loss an uninterrupted one does, on any world size
             self.window.loss += state["loss_window"][0]
             self.window.samples = int(state["loss_window"][1])
-        self._log0(f"[train] resumed from step {step} ({self.resumed_from})")
+        self._log0(f"[train] resumed from step {step} ({url})")
 
     # -- the step -----------------------------------------------------------------------------
 
