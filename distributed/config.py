@@ -29,8 +29,7 @@ import contextlib
 import dataclasses
 import os
 import re
-import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,8 +42,6 @@ from sparse_transformer.model.config import SparseTransformerConfig
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Tristate = Literal["auto", "true", "false"]
 """auto, true or false (YAML's booleans are taken as "true" and "false")."""
-PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
-TRISTATE: tuple[str, ...] = typing.get_args(Tristate)
 
 PositiveInt = Annotated[int, Range(gt=0)]
 NonNegativeInt = Annotated[int, Range(ge=0)]
@@ -287,20 +284,12 @@ def _check_locations(cfg: Config) -> None:
         )
 
 
-CROSS_FIELD_CHECKS: tuple[Callable[[Config], None], ...] = (
-    _check_optimizer,
-    _check_sizes,
-    _check_locations,
-)
-"""The rules between fields, in order; each field's own type, choices and bounds were
-checked when its section was built."""
-
-
 def validate(cfg: Config) -> None:
-    """Cross-field checks (:data:`CROSS_FIELD_CHECKS`); raises :class:`ConfigError`
-    naming the field."""
-    for check in CROSS_FIELD_CHECKS:
-        check(cfg)
+    """The rules between fields; raises :class:`ConfigError` naming the field. Each
+    field's own type, choices and bounds were checked when its section was built."""
+    _check_optimizer(cfg)
+    _check_sizes(cfg)
+    _check_locations(cfg)
 
 
 # -- loading and overrides ---------------------------------------------------------------
