@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import typing
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
@@ -229,10 +229,6 @@ class SparseTransformerConfig:
         return self.recompute[layer]
 
     # -- (de)serialisation -------------------------------------------------------------
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls) if f.init)
-
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SparseTransformerConfig:
         """Build from a plain mapping (e.g. a YAML ``model:`` section); unknown keys fail."""
