@@ -340,8 +340,7 @@ class StreamingDataset(IterableDataset):
         Each completed local batch moves the position on by one global batch; the
         samples of a local batch not yet completed are the state's ``rank_offset``.
         """
-        local = self.global_batch_size // self.world_size
-        batches, self._rank_offset = divmod(self._rank_offset + int(samples), local)
+        batches, self._rank_offset = divmod(self._rank_offset + int(samples), self.local_batch_size)
         self._position += batches * self.global_batch_size
 
     def finish_epoch(self, epoch: int) -> None:
