@@ -25,7 +25,7 @@ from sparse_transformer.data import (
 from sparse_transformer.data import download as dl
 from tests.test_data_formats import cifar_to_hwc, make_cifar_tarball, read_split
 
-FAST = RetryPolicy(max_attempts=5)
+FIVE_ATTEMPTS = RetryPolicy(max_attempts=5)
 
 
 class Routes:
@@ -78,11 +78,11 @@ def test_download_verifies_and_reuses_the_cached_copy(
     routes.responses["/f.bin"] = [(200, body, None)]
     md5 = hashlib.md5(body).hexdigest()
     dest = tmp_path / "cache" / "f.bin"
-    assert dl.download(f"{base}/f.bin", dest, md5=md5, policy=FAST).read_bytes() == body
-    dl.download(f"{base}/f.bin", dest, md5=md5, policy=FAST)
+    assert dl.download(f"{base}/f.bin", dest, md5=md5, policy=FIVE_ATTEMPTS).read_bytes() == body
+    dl.download(f"{base}/f.bin", dest, md5=md5, policy=FIVE_ATTEMPTS)
     assert routes.hits["/f.bin"] == 1  # served from the cache the second time
     dest.write_bytes(b"stale")  # a cached copy that no longer verifies is fetched again
-    dl.download(f"{base}/f.bin", dest, md5=md5, policy=FAST)
+    dl.download(f"{base}/f.bin", dest, md5=md5, policy=FIVE_ATTEMPTS)
     assert routes.hits["/f.bin"] == 2 and dest.read_bytes() == body
 
 
@@ -98,7 +98,10 @@ def test_5xx_and_cut_connections_are_retried(
     ]
     with caplog.at_level(logging.WARNING, logger="sparse_transformer.data"):
         dl.download(
-            f"{base}/flaky", tmp_path / "f", sha256=hashlib.sha256(body).hexdigest(), policy=FAST
+            f"{base}/flaky",
+            tmp_path / "f",
+            sha256=hashlib.sha256(body).hexdigest(),
+            policy=FIVE_ATTEMPTS,
         )
     assert routes.hits["/flaky"] == 3 and (tmp_path / "f").read_bytes() == body
     assert caplog.text.count("transient failure") == 2 and "HTTP Error 503" in caplog.text
@@ -125,11 +128,11 @@ def test_404_is_permanent_and_a_bad_checksum_leaves_nothing(
 ) -> None:
     base, routes = http_server
     with pytest.raises(DownloadError, match=r"/missing: HTTP 404"):
-        dl.download(f"{base}/missing", tmp_path / "m", policy=FAST)
+        dl.download(f"{base}/missing", tmp_path / "m", policy=FIVE_ATTEMPTS)
     assert routes.hits["/missing"] == 1
     routes.responses["/wrong"] = [(200, b"tampered", None)]
     with pytest.raises(ChecksumMismatchError, match=r"download .*/wrong: .*md5 .* does not match"):
-        dl.download(f"{base}/wrong", tmp_path / "w", md5="0" * 32, policy=FAST)
+        dl.download(f"{base}/wrong", tmp_path / "w", md5="0" * 32, policy=FIVE_ATTEMPTS)
     assert list(tmp_path.iterdir()) == []  # neither the file nor a partial one
 
 
