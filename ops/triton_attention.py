@@ -96,7 +96,6 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
 _BAND = tl.constexpr(PART_BAND)
 _CHUNK = tl.constexpr(PART_CHUNK)
 _COLUMN = tl.constexpr(PART_COLUMN)
-_SUMMARY = tl.constexpr(PART_SUMMARY)
 _NO_PART = tl.constexpr(NO_PART)
 _GROUP_COLUMNS = tl.constexpr(len(GroupRow._fields))
 _COL_PERM_STRIDE = tl.constexpr(GroupRow._fields.index("perm_stride"))
@@ -181,7 +180,7 @@ def _part_mask(i, j, KIND: tl.constexpr, size, lo, hi):
         m = causal & ((i // size) == (j // size))
     elif KIND == _COLUMN:  # the same residue mod period
         m = causal & ((i % size) == (j % size))
-    else:  # _SUMMARY: the cells lo <= j % period < hi
+    else:  # summary: the cells lo <= j % period < hi
         r = j % size
         m = causal & (r >= lo) & (r < hi)
     return m
