@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 from sparse_transformer.data.manifest import Manifest
-from sparse_transformer.data.sources.audio import mu_law_decode
+from sparse_transformer.data.sources.audio import MU, mu_law_decode
 from sparse_transformer.distributed.checkpoint import META_FILE
+from sparse_transformer.distributed.config import is_remote
 from sparse_transformer.distributed.evaluation import complete
 
 GAP = 2
@@ -58,7 +59,7 @@ class DataFormat:
     """(H, W, C) of an image dataset."""
     sample_rate: int | None = None
     """Samples per second of an audio dataset."""
-    mu: int = 255
+    mu: int = MU
 
 
 class SampleFile(NamedTuple):
@@ -89,7 +90,7 @@ def data_format(manifest: Manifest) -> DataFormat:
             "audio",
             manifest.seq_len,
             sample_rate=int(tok["sample_rate"]),
-            mu=int(tok.get("mu", 255)),
+            mu=int(tok.get("mu", MU)),
         )
     raise ValueError(f"{manifest.url}: tokenizer kind {kind!r} has no sample file format")
 
@@ -166,7 +167,7 @@ def write_png(path: str | Path, image: np.ndarray) -> Path:
     return path
 
 
-def write_wav(path: str | Path, codes: np.ndarray, sample_rate: int, mu: int = 255) -> Path:
+def write_wav(path: str | Path, codes: np.ndarray, sample_rate: int, mu: int = MU) -> Path:
     """Mu-law ``codes`` (0..mu) decoded to a mono 16-bit PCM WAV at ``sample_rate``."""
     pcm = np.clip(np.round(mu_law_decode(codes, mu) * 32767.0), -32768, 32767).astype("<i2")
     path = Path(path)
@@ -388,11 +389,10 @@ def default_out_dir(checkpoint: str, step: int) -> Path:
     """Where ``sample`` writes without ``--out``: ``RUN/samples/step{step}`` beside a local
     checkpoint (``checkpoint`` is the checkpoint or its run folder), else
     ``./samples/{the URL's last name}/step{step}``."""
-    local = checkpoint[len("file://") :] if checkpoint.startswith("file://") else checkpoint
-    if "://" in local:
-        name = local.rstrip("/").rsplit("/", 1)[-1] or "checkpoint"
+    if is_remote(checkpoint):
+        name = checkpoint.rstrip("/").rsplit("/", 1)[-1] or "checkpoint"
         return Path("samples", name, f"step{step}")
-    path = Path(local)
+    path = Path(checkpoint.removeprefix("file://"))
     run = path.parent if (path / META_FILE).is_file() else path
     return run / "samples" / f"step{step}"
 
