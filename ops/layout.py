@@ -202,9 +202,10 @@ def _classify(
 def head_order_mod(
     pattern: Pattern, n: int, any_permuted: bool, h: torch.Tensor, p: torch.Tensor
 ) -> torch.Tensor:
-    """:meth:`BlockLayout.order_mod` of a layout of ``pattern`` and ``n`` whose
-    ``any_permuted`` is given, without the layout: for a mask_mod kept beside the
-    layout (a BlockMask holds its mask_mod), which must not keep the layout alive."""
+    """:meth:`BlockLayout.order` of a layout of ``pattern`` and ``n`` (``any_permuted``:
+    whether any head is permuted) as elementwise arithmetic on (head, position)
+    tensors, for mask_mods that must not index tables (FlexAttention's compiled mask
+    builder) nor hold the layout (a BlockMask kept beside it holds its mask_mod)."""
     if not any_permuted:
         return p
     l = pattern.stride
@@ -309,11 +310,6 @@ class BlockLayout:
         rows = -(-self.n // l)
         inside = p < rows * l
         return torch.where(inside, (p % rows) * l + p // rows, p)
-
-    def order_mod(self, h: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """:meth:`order` as elementwise arithmetic on (head, position) tensors, for
-        mask_mods that must not index tables (FlexAttention's compiled mask builder)."""
-        return head_order_mod(self.pattern, self.n, self.any_permuted, h, p)
 
     def head_orders(self) -> torch.Tensor:
         """(H, N) int64: the order of every head (kept on the layout once computed)."""
