@@ -9,6 +9,7 @@ sums across ranks when there are several.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -68,21 +69,9 @@ def sample_bytes(
     return bytes(out[0].tolist())
 
 
-def sample_text(
-    module: torch.nn.Module,
-    prompt: str,
-    length: int,
-    *,
-    seed: int,
-    device: torch.device,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-) -> str:
-    """Up to ``length`` bytes after ``prompt`` (a newline when empty), decoded as UTF-8."""
-    data = sample_bytes(
-        module, prompt.encode("utf-8"), length, seed=seed, device=device,
-        temperature=temperature, top_p=top_p,
-    )  # fmt: skip
+def sample_text(module: torch.nn.Module, prompt: str, length: int, **options: Any) -> str:
+    """:func:`sample_bytes` (same keyword ``options``) of ``prompt``'s UTF-8, decoded."""
+    data = sample_bytes(module, prompt.encode("utf-8"), length, **options)
     return data.decode("utf-8", errors="replace")
 
 
