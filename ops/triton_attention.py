@@ -1,32 +1,41 @@
 """Block-sparse causal attention in Triton: the ``triton`` backend.
 
-Forward: one program per (query block, batch x head) walks the query block's
+Forward: one program per (batch x head, query block) walks the query block's
 list of key blocks (``layout.q2k_*``) with an online softmax in fp32 (base 2),
 applying the element mask only on blocks the layout flags partial; blocks
 outside the layout are never touched. It stores the output and the row
-log-sum-exp.
+log-sum-exp. Narrow key blocks (32 wide, enwik8's summaries) can be packed two to
+a tile (``KPACK``), so each step's matmuls and softmax work on 64 keys.
 
-Backward (deterministic, no atomics): one program per (key block, batch x head)
-walks the transposed lists (``layout.k2q_*``) and accumulates dK and dV in
-registers; one program per (query block, batch x head) walks the query-major
-lists for dQ. Probabilities are recomputed from the saved log-sum-exp.
+Backward (deterministic, no atomics): a small kernel computes rowsum(dO * O)
+straight from the low-precision tensors; one program per (batch x head, key
+block) walks the transposed lists (``layout.k2q_*``) and accumulates dK and dV in
+registers, transposed (``TRANS``: D x BLOCK_K, so Hopper's tensor cores get the 64
+rows they need) when the head is wider than the key block; one program per
+(batch x head, query block) walks the query-major lists for dQ. Probabilities are
+recomputed from the saved log-sum-exp.
+
+One launch of each kernel covers every head. A head's group (``layout.head_group``)
+is one row of a small int32 table, :class:`GroupRow`: its order and its one or two
+pattern components, whose kinds the kernels read at run time (the predicates are
+computed on vectors, and only on partial blocks, so this costs little). The
+kernels read the table's columns, and compare the kinds, through ``tl.constexpr``
+globals made from those names and from the layout's ``PART_*`` kinds, so host and
+kernels share one definition. Each group's blocks run longest list first (the
+summary blocks of fixed patterns are read by every later query block), so no long
+program is left running alone at the end of the grid. A layout's table and block
+orders are built once, in this module's ``LayoutCache``, and freed with the layout.
 
 Heads that run in the transposed (R, l) order (strided A2) are handled inside
 the kernels: a program's rows are positions of the head's order, mapped to
-original rows by ``p -> (p % R) * l + p // R``; every load and store goes
-through that map, so no permuted copy of q, k, v is ever made. Rows at or
-beyond n load as zeros and are never stored.
+original rows by ``p -> (p % R) * l + p // R`` (the identity for the natural order,
+whose row has l = 0, R = 1); every load and store goes through that map, so no
+permuted copy of q, k, v is ever made. Rows at or beyond n load as zeros and are
+never stored.
 
-The pattern's component kinds are compile-time constants: the heads are
-launched in groups that share them (for example the A1 and the A2 heads of a
-multi-head layer), and the row/column predicates are computed on vectors, so a
-partial block costs little more than a full one. The numbers of each head group
-(its order, its components' sizes and summary windows) are one row of a small
-int32 table, :class:`GroupRow`; the kernels read its columns, and compare the
-kinds, through ``tl.constexpr`` globals made from those names and from the
-layout's ``PART_*`` kinds, so host and kernels share one definition. A layout's
-table and launches are built once, in this module's ``LayoutCache``, and are
-freed with the layout.
+``KPACK``, ``TRANS`` and the warps and stages are autotuned per shape; without the
+autotuner (``torch.use_deterministic_algorithms``, the interpreter, tests) the
+kernels run at ``PLAIN_OPTIONS``.
 
 Registered as the custom ops ``sparse_transformer::block_sparse_attn_fwd`` /
 ``_bwd`` with fake implementations, so ``torch.compile`` and activation
@@ -73,13 +82,16 @@ class GroupRow(NamedTuple):
     """l of the group's transposed (R, l) order; 0 for the natural order."""
     rows: int
     """R = ceil(n / l) of the transposed order; 1 for the natural order."""
+    kind0: int
+    """The first component's kind (``PART_*``)."""
     size0: int
     """The first component's width (band), length (chunk) or period (column, summary)."""
     lo0: int
     """The first component's summary window is [lo0, hi0) (0, 0 for other kinds)."""
     hi0: int
+    kind1: int
+    """The second component's, as the first's (``NO_PART``, 1, 0, 0 when there is none)."""
     size1: int
-    """The second component's, as the first's (1, 0, 0 when there is none)."""
     lo1: int
     hi1: int
 
@@ -100,39 +112,64 @@ _NO_PART = tl.constexpr(NO_PART)
 _GROUP_COLUMNS = tl.constexpr(len(GroupRow._fields))
 _COL_PERM_STRIDE = tl.constexpr(GroupRow._fields.index("perm_stride"))
 _COL_ROWS = tl.constexpr(GroupRow._fields.index("rows"))
+_COL_KIND0 = tl.constexpr(GroupRow._fields.index("kind0"))
 _COL_SIZE0 = tl.constexpr(GroupRow._fields.index("size0"))
 _COL_LO0 = tl.constexpr(GroupRow._fields.index("lo0"))
 _COL_HI0 = tl.constexpr(GroupRow._fields.index("hi0"))
+_COL_KIND1 = tl.constexpr(GroupRow._fields.index("kind1"))
 _COL_SIZE1 = tl.constexpr(GroupRow._fields.index("size1"))
 _COL_LO1 = tl.constexpr(GroupRow._fields.index("lo1"))
 _COL_HI1 = tl.constexpr(GroupRow._fields.index("hi1"))
 
 
 @triton.jit
-def _program_head(heads, head_group, group_table, HS):
-    """This program's batch ``b``, head ``h``, the head's group ``g``, the group's table
-    row and its order (``perm_l``, ``rows``). Program axis 1 runs over batch x the
-    launch's ``HS`` heads."""
-    bh = tl.program_id(1)
-    b = bh // HS
-    h = tl.load(heads + bh % HS)
+def _program(H, head_group, group_table, order, NBLK):
+    """This program's batch ``b``, head ``h``, the head's group ``g``, its block ``blk``,
+    the group's table row and its order (``perm_l``, ``rows``). Axis 0 runs over
+    batch x heads; axis 1 over the group's blocks, longest list first (``order``)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
     g = tl.load(head_group + h)
+    blk = tl.load(order + g * NBLK + tl.program_id(1))
     group_row = group_table + g * _GROUP_COLUMNS
     perm_l = tl.load(group_row + _COL_PERM_STRIDE)
     rows = tl.load(group_row + _COL_ROWS)
-    return b, h, g, group_row, perm_l, rows
+    return b, h, g, blk, group_row, perm_l, rows
 
 
 @triton.jit
-def _block_rows(blk, BLOCK: tl.constexpr, perm_l, rows, n, PERMUTED: tl.constexpr):
+def _orig_rows(p, perm_l, rows, n):
+    """Original rows of head-order positions ``p`` and which are real (below n). The
+    natural order has ``perm_l`` 0 and ``rows`` 1, where the map is the identity."""
+    orig = tl.where(p < rows * perm_l, (p % rows) * perm_l + p // rows, p)
+    return orig, (orig < n) & (p >= 0)
+
+
+@triton.jit
+def _block_rows(blk, BLOCK: tl.constexpr, perm_l, rows, n):
     """Block ``blk``'s head-order positions ``p``, their original rows and which of
-    those are real rows (below n)."""
+    those are real rows."""
     p = blk * BLOCK + tl.arange(0, BLOCK)
-    if PERMUTED:
-        orig = tl.where(p < rows * perm_l, (p % rows) * perm_l + p // rows, p)
+    orig, valid = _orig_rows(p, perm_l, rows, n)
+    return p, orig, valid
+
+
+@triton.jit
+def _packed_keys(index, full, e, end, BLOCK_K: tl.constexpr, KPACK: tl.constexpr):
+    """Positions (head order) of the KPACK key blocks ``index[e : e + KPACK]`` as one
+    tile of KPACK * BLOCK_K keys (-1 past the list's end) and whether every one of
+    them is a full block (1 or 0)."""
+    slot = tl.arange(0, KPACK * BLOCK_K)
+    entry = e + slot // BLOCK_K
+    inside = entry < end
+    kb = tl.load(index + entry, mask=inside, other=-1)
+    p = tl.where(inside, kb * BLOCK_K + slot % BLOCK_K, -1)
+    if KPACK == 1:
+        is_full = tl.load(full + e).to(tl.int32)
     else:
-        orig = p
-    return p, orig, orig < n
+        is_full = tl.min(tl.load(full + entry, mask=inside, other=0).to(tl.int32), 0)
+    return p, is_full
 
 
 @triton.jit
@@ -170,15 +207,15 @@ def _load_row_stats(LSE, DELTA, row_base, orig, valid):
 
 
 @triton.jit
-def _part_mask(i, j, KIND: tl.constexpr, size, lo, hi):
-    """Is (i, j) allowed by one component? ``i`` and ``j`` broadcast to the tile;
-    ``size`` is the component's width, length or period (``GroupRow``)."""
+def _part_mask(i, j, kind, size, lo, hi):
+    """Is (i, j) allowed by one component of kind ``kind``? ``i`` and ``j`` broadcast to
+    the tile; ``size`` is the component's width, length or period (``GroupRow``)."""
     causal = j <= i
-    if KIND == _BAND:  # 0 <= i - j < width
+    if kind == _BAND:  # 0 <= i - j < width
         m = causal & (i - j < size)
-    elif KIND == _CHUNK:  # the same chunk of length
+    elif kind == _CHUNK:  # the same chunk of length
         m = causal & ((i // size) == (j // size))
-    elif KIND == _COLUMN:  # the same residue mod period
+    elif kind == _COLUMN:  # the same residue mod period
         m = causal & ((i % size) == (j % size))
     else:  # summary: the cells lo <= j % period < hi
         r = j % size
@@ -187,40 +224,40 @@ def _part_mask(i, j, KIND: tl.constexpr, size, lo, hi):
 
 
 @triton.jit
-def _allowed(i, j, group_row, KIND0: tl.constexpr, KIND1: tl.constexpr):
+def _allowed(i, j, group_row):
+    """The group's pattern at (i, j), key positions ``j`` < 0 (no key) excluded."""
     m = _part_mask(
         i,
         j,
-        KIND0,
+        tl.load(group_row + _COL_KIND0),
         tl.load(group_row + _COL_SIZE0),
         tl.load(group_row + _COL_LO0),
         tl.load(group_row + _COL_HI0),
     )
-    if KIND1 != _NO_PART:
+    kind1 = tl.load(group_row + _COL_KIND1)
+    if kind1 != _NO_PART:
         m = m | _part_mask(
             i,
             j,
-            KIND1,
+            kind1,
             tl.load(group_row + _COL_SIZE1),
             tl.load(group_row + _COL_LO1),
             tl.load(group_row + _COL_HI1),
         )
-    return m
+    return m & (j >= 0)
 
 
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    heads, head_group, group_table,
+    head_group, group_table, order,
     indptr, index, full,
-    sm_scale_log2, n, H, HS, NQB,
+    sm_scale_log2, n, H, NQB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    KIND0: tl.constexpr, KIND1: tl.constexpr, PERMUTED: tl.constexpr,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, KPACK: tl.constexpr = 1,
 ):  # fmt: skip
-    qb = tl.program_id(0)
-    b, h, g, group_row, perm_l, rows = _program_head(heads, head_group, group_table, HS)
-    p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n, PERMUTED)
+    b, h, g, qb, group_row, perm_l, rows = _program(H, head_group, group_table, order, NQB)
+    p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n)
     offs_d = tl.arange(0, D)
     q = _load_tile(Q + b * sqb + h * sqh, o_q, v_q, sqn, offs_d)
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -230,16 +267,14 @@ def _fwd_kernel(
     start, end = _block_list(indptr, g, qb, NQB)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    for e in range(start, end):
-        kb = tl.load(index + e)
-        is_full = tl.load(full + e)
-        p_k, o_k, v_k = _block_rows(kb, BLOCK_K, perm_l, rows, n, PERMUTED)
+    for e in range(start, end, KPACK):
+        p_k, is_full = _packed_keys(index, full, e, end, BLOCK_K, KPACK)
+        o_k, v_k = _orig_rows(p_k, perm_l, rows, n)
         k = _load_tile(k_base, o_k, v_k, skn, offs_d)
         v = _load_tile(v_base, o_k, v_k, svn, offs_d)
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
         if is_full == 0:
-            allowed = _allowed(p_q[:, None], p_k[None, :], group_row, KIND0, KIND1)
-            s = tl.where(allowed, s, float("-inf"))
+            s = tl.where(_allowed(p_q[:, None], p_k[None, :], group_row), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
@@ -256,18 +291,34 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA, n, H,
+    sob, soh, son, sdob, sdoh, sdon,
+    D: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """delta = rowsum(dO * O) in fp32, read straight from the low-precision tensors."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    r = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = r < n
+    offs_d = tl.arange(0, D)
+    o = _load_tile(O + b * sob + h * soh, r, valid, son, offs_d).to(tl.float32)
+    do = _load_tile(DO + b * sdob + h * sdoh, r, valid, sdon, offs_d).to(tl.float32)
+    tl.store(DELTA + bh * n + r, tl.sum(o * do, 1), mask=valid)
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA,
-    heads, head_group, group_table,
+    head_group, group_table, order,
     indptr, index, full,
-    sm_scale, sm_scale_log2, n, H, HS, NQB,
+    sm_scale, sm_scale_log2, n, H, NQB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
-    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    KIND0: tl.constexpr, KIND1: tl.constexpr, PERMUTED: tl.constexpr,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, KPACK: tl.constexpr = 1,
 ):  # fmt: skip
-    qb = tl.program_id(0)
-    b, h, g, group_row, perm_l, rows = _program_head(heads, head_group, group_table, HS)
-    p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n, PERMUTED)
+    b, h, g, qb, group_row, perm_l, rows = _program(H, head_group, group_table, order, NQB)
+    p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n)
     offs_d = tl.arange(0, D)
     q = _load_tile(Q + b * sqb + h * sqh, o_q, v_q, sqn, offs_d)
     do = _load_tile(DO + b * sdob + h * sdoh, o_q, v_q, sdon, offs_d)
@@ -277,17 +328,15 @@ def _bwd_dq_kernel(
     start, end = _block_list(indptr, g, qb, NQB)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    for e in range(start, end):
-        kb = tl.load(index + e)
-        is_full = tl.load(full + e)
-        p_k, o_k, v_k = _block_rows(kb, BLOCK_K, perm_l, rows, n, PERMUTED)
+    for e in range(start, end, KPACK):
+        p_k, is_full = _packed_keys(index, full, e, end, BLOCK_K, KPACK)
+        o_k, v_k = _orig_rows(p_k, perm_l, rows, n)
         k = _load_tile(k_base, o_k, v_k, skn, offs_d)
         v = _load_tile(v_base, o_k, v_k, svn, offs_d)
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
         p = tl.math.exp2(s - lse[:, None])
         if is_full == 0:
-            allowed = _allowed(p_q[:, None], p_k[None, :], group_row, KIND0, KIND1)
-            p = tl.where(allowed, p, 0.0)
+            p = tl.where(_allowed(p_q[:, None], p_k[None, :], group_row), p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
@@ -299,22 +348,27 @@ def _bwd_dq_kernel(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,
-    heads, head_group, group_table,
+    head_group, group_table, order,
     indptr, index, full,
-    sm_scale, sm_scale_log2, n, H, HS, NKB,
+    sm_scale, sm_scale_log2, n, H, NKB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    KIND0: tl.constexpr, KIND1: tl.constexpr, PERMUTED: tl.constexpr,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TRANS: tl.constexpr = 0,
 ):  # fmt: skip
-    kb = tl.program_id(0)
-    b, h, g, group_row, perm_l, rows = _program_head(heads, head_group, group_table, HS)
-    p_k, o_k, v_k = _block_rows(kb, BLOCK_K, perm_l, rows, n, PERMUTED)
+    """dK and dV of one key block. With TRANS the accumulators are dK^T and dV^T (D rows
+    instead of BLOCK_K): the matmuls then have D rows, which Hopper's tensor cores need
+    (64 at least) when key blocks are narrower than the head."""
+    b, h, g, kb, group_row, perm_l, rows = _program(H, head_group, group_table, order, NKB)
+    p_k, o_k, v_k = _block_rows(kb, BLOCK_K, perm_l, rows, n)
     offs_d = tl.arange(0, D)
     k = _load_tile(K + b * skb + h * skh, o_k, v_k, skn, offs_d)
     v = _load_tile(V + b * svb + h * svh, o_k, v_k, svn, offs_d)
-    dk = tl.zeros([BLOCK_K, D], tl.float32)
-    dv = tl.zeros([BLOCK_K, D], tl.float32)
+    if TRANS:
+        dk = tl.zeros([D, BLOCK_K], tl.float32)
+        dv = tl.zeros([D, BLOCK_K], tl.float32)
+    else:
+        dk = tl.zeros([BLOCK_K, D], tl.float32)
+        dv = tl.zeros([BLOCK_K, D], tl.float32)
 
     start, end = _block_list(indptr, g, kb, NKB)
     q_base = Q + b * sqb + h * sqh
@@ -323,43 +377,42 @@ def _bwd_dkdv_kernel(
     for e in range(start, end):
         qb = tl.load(index + e)
         is_full = tl.load(full + e)
-        p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n, PERMUTED)
+        p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n)
         q = _load_tile(q_base, o_q, v_q, sqn, offs_d)
         do = _load_tile(do_base, o_q, v_q, sdon, offs_d)
         lse, delta = _load_row_stats(LSE, DELTA, row_base, o_q, v_q)
-        st = tl.dot(k, tl.trans(q)) * sm_scale_log2  # (BLOCK_K, BLOCK_Q)
-        pt = tl.math.exp2(st - lse[None, :])
-        if is_full == 0:
-            allowed = _allowed(p_q[None, :], p_k[:, None], group_row, KIND0, KIND1)
-            pt = tl.where(allowed, pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do)
-        dpt = tl.dot(v, tl.trans(do))
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q)
+        if TRANS:  # P and dS as (BLOCK_Q, BLOCK_K)
+            p = tl.math.exp2(tl.dot(q, tl.trans(k)) * sm_scale_log2 - lse[:, None])
+            if is_full == 0:
+                p = tl.where(_allowed(p_q[:, None], p_k[None, :], group_row), p, 0.0)
+            dv += tl.dot(tl.trans(do), p.to(do.dtype))
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dk += tl.dot(tl.trans(q), ds.to(q.dtype))
+        else:  # P^T and dS^T as (BLOCK_K, BLOCK_Q)
+            pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * sm_scale_log2 - lse[None, :])
+            if is_full == 0:
+                pt = tl.where(_allowed(p_q[None, :], p_k[:, None], group_row), pt, 0.0)
+            dv += tl.dot(pt.to(do.dtype), do)
+            dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q)
 
-    dk = dk * sm_scale
-    _store_tile(DK + b * sdkb + h * sdkh, o_k, v_k, sdkn, offs_d, dk)
+    if TRANS:
+        dk = tl.trans(dk)
+        dv = tl.trans(dv)
+    _store_tile(DK + b * sdkb + h * sdkh, o_k, v_k, sdkn, offs_d, dk * sm_scale)
     _store_tile(DV + b * sdvb + h * sdvh, o_k, v_k, sdvn, offs_d, dv)
 
 
 # ----------------------------------------------------------------------------------------
 # launch plumbing
 # ----------------------------------------------------------------------------------------
-class _Launch(NamedTuple):
-    """One launch of each kernel: the heads whose groups share the kernels' compile-time
-    signature (the kinds of their components, whether their order is transposed)."""
-
-    kind0: int
-    kind1: int
-    permuted: bool
-    heads: torch.Tensor  # (HS,) int32
-
-
 class _LaunchPlan(NamedTuple):
-    """What the kernels read of a layout besides its CSR lists."""
+    """What the kernels read of a layout besides its CSR lists. One launch of each kernel
+    covers every head: the group's row says how to mask and order its blocks."""
 
     table: torch.Tensor  # (G, len(GroupRow._fields)) int32: one GroupRow per group
-    launches: list[_Launch]
+    q_order: torch.Tensor  # (G, NQB) int32: query blocks, longest key list first
+    k_order: torch.Tensor  # (G, NKB) int32: key blocks, longest query list first
 
 
 _PLANS: LayoutCache[_LaunchPlan] = LayoutCache("triton backend: launch plans")
@@ -375,72 +428,102 @@ def _part_size(part: Part) -> int:
     return part.period
 
 
-def _group_row(spec: HeadSpec, n: int) -> tuple[GroupRow, int, int]:
-    """A group's table row and the kinds of its two components (``NO_PART`` for none)."""
+def _group_row(spec: HeadSpec, n: int) -> GroupRow:
+    """A head group's row of the kernels' table."""
     if len(spec.parts) > 2:
         raise ValueError("triton backend: at most two components per head")
-    cols, kinds = [], []
+    cols = []
     for part in spec.parts:
-        cols += [min(_part_size(part), _INT32_BIG), part.lo, part.hi]
-        kinds.append(part.kind)
-    while len(kinds) < 2:
-        cols += [1, 0, 0]
-        kinds.append(NO_PART)
+        cols += [part.kind, min(_part_size(part), _INT32_BIG), part.lo, part.hi]
+    if len(spec.parts) < 2:
+        cols += [NO_PART, 1, 0, 0]
     rows = -(-n // spec.perm_stride) if spec.perm_stride else 1
-    return GroupRow(spec.perm_stride, rows, *cols), kinds[0], kinds[1]
+    return GroupRow(spec.perm_stride, rows, *cols)
+
+
+def _longest_first(indptr: torch.Tensor) -> torch.Tensor:
+    """(G, NBLK) int32: each group's blocks by decreasing list length (ties in block
+    order). Long programs start first, so none of them is left running alone at the end
+    of the grid (the summary blocks of fixed patterns are read by every later query)."""
+    counts = (indptr[:, 1:] - indptr[:, :-1]).long()
+    return torch.sort(-counts, dim=1, stable=True).indices.to(torch.int32)
 
 
 def _build_plan(layout: BlockLayout) -> _LaunchPlan:
-    table, sig_of_group = [], []
-    for spec in layout.specs:
-        row, kind0, kind1 = _group_row(spec, layout.n)
-        table.append(row)
-        sig_of_group.append((kind0, kind1, bool(spec.perm_stride)))
-    sigs: dict[tuple[int, int, bool], list[int]] = {}
-    for h, g in enumerate(layout.head_group.tolist()):
-        sigs.setdefault(sig_of_group[g], []).append(h)
-    dev = layout.device
+    rows = [_group_row(spec, layout.n) for spec in layout.specs]
     return _LaunchPlan(
-        table=torch.tensor(table, dtype=torch.int32, device=dev),
-        launches=[
-            _Launch(k0, k1, perm, torch.tensor(hs, dtype=torch.int32, device=dev))
-            for (k0, k1, perm), hs in sigs.items()
-        ],
+        table=torch.tensor(rows, dtype=torch.int32, device=layout.device),
+        q_order=_longest_first(layout.q2k_indptr),
+        k_order=_longest_first(layout.k2q_indptr),
     )
 
 
 def _launch_plan(layout: BlockLayout) -> _LaunchPlan:
-    """The layout's group table and launches, built once per layout and freed with it."""
+    """The layout's group table and block orders, built once per layout, freed with it."""
     return _PLANS.get(layout, _build_plan)
 
 
-_TUNE_KEY = ["D", "BLOCK_Q", "BLOCK_K", "KIND0", "KIND1", "PERMUTED"]
-_TUNE_CONFIGS = [
-    triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (4, 3), (8, 2), (8, 3))
-]
+_TUNE_KEY = ["D", "BLOCK_Q", "BLOCK_K", "n"]
+_WARPS_STAGES = ((4, 2), (4, 3), (8, 2), (8, 3))
 
 
-def _tuned(kernel):
+def _configs(option: str) -> list[triton.Config]:
+    """Warps x stages, each with ``option`` (KPACK: 1 or 2; TRANS: 0 or 1); ``_prune``
+    drops the option's second value where it cannot help."""
+    values = (1, 2) if option == "KPACK" else (0, 1)
+    return [
+        triton.Config({option: v}, num_warps=w, num_stages=s)
+        for v in values
+        for w, s in _WARPS_STAGES
+    ]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Packing two key blocks into one tile only where blocks are narrow (below 64);
+    transposed dK/dV accumulators only where the head is wider than the key block."""
+    d, block_k = kwargs["D"], kwargs["BLOCK_K"]
+    keep = []
+    for c in configs:
+        if c.kwargs.get("KPACK", 1) > 1 and block_k >= 64:
+            continue
+        if c.kwargs.get("TRANS", 0) and d <= block_k:
+            continue
+        keep.append(c)
+    return keep
+
+
+def _tuned(kernel, option: str):
     """Autotuned launcher on a GPU; the plain kernel (Triton's default warps and
-    stages) under TRITON_INTERPRET=1 or with SPARSE_TRANSFORMER_AUTOTUNE=0, which
-    the correctness tests set to keep compile time down."""
+    stages, ``PLAIN_OPTIONS``) under TRITON_INTERPRET=1 or with
+    SPARSE_TRANSFORMER_AUTOTUNE=0, which the correctness tests set to keep compile
+    time down."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return kernel
     if os.environ.get("SPARSE_TRANSFORMER_AUTOTUNE", "1") == "0":
         return kernel
-    return triton.autotune(configs=_TUNE_CONFIGS, key=_TUNE_KEY)(kernel)
+    return triton.autotune(
+        configs=_configs(option), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune}
+    )(kernel)
 
 
-_TUNED = {k: _tuned(k) for k in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel)}
+_OPTION = {_fwd_kernel: "KPACK", _bwd_dq_kernel: "KPACK", _bwd_dkdv_kernel: "TRANS"}
+_TUNED = {k: _tuned(k, option) for k, option in _OPTION.items()}
+PLAIN_OPTIONS = {"KPACK": 1, "TRANS": 0}
+"""The options of an untuned launch (tests set them to check every code path)."""
 
 
-def _launcher(kernel):
-    """The autotuned launcher of ``kernel``, or the kernel at its fixed default
-    configuration under ``torch.use_deterministic_algorithms``: the autotuner picks a
-    configuration by timing in each process, and configurations may round differently,
-    so a restarted process could compute other bits (PyTorch's Inductor likewise stops
-    autotuning in deterministic mode)."""
-    return kernel if torch.are_deterministic_algorithms_enabled() else _TUNED[kernel]
+def _launch(kernel, grid, *args, **constexprs) -> None:
+    """Launch ``kernel``: autotuned, or at its fixed default configuration (with
+    ``PLAIN_OPTIONS``) when not tuning or under ``torch.use_deterministic_algorithms``:
+    the autotuner picks a configuration by timing in each process, and configurations
+    may round differently, so a restarted process could compute other bits (PyTorch's
+    Inductor likewise stops autotuning in deterministic mode)."""
+    tuned = _TUNED[kernel]
+    if tuned is kernel or torch.are_deterministic_algorithms_enabled():
+        option = _OPTION[kernel]
+        kernel[grid](*args, **constexprs, **{option: PLAIN_OPTIONS[option]})
+    else:
+        tuned[grid](*args, **constexprs)
 
 
 def autotuned_configs() -> dict[str, list[str]]:
@@ -464,64 +547,55 @@ def supports(q: torch.Tensor, layout: BlockLayout) -> bool:
     )
 
 
+def _strides(*xs: torch.Tensor) -> list[int]:
+    return [s for x in xs for s in x.stride()[:3]]
+
+
 def _fwd_impl(q, k, v, layout: BlockLayout, scale: float):
     b, h, n, d = q.shape
     plan = _launch_plan(layout)
     out = _new_like(q)
-    lse = _new_like(q.new_empty(b, h, n, dtype=torch.float32))
-    for launch in plan.launches:
-        hs = launch.heads.numel()
-        grid = (layout.n_qblocks, b * hs)
-        _launcher(_fwd_kernel)[grid](
-            q, k, v, out, lse,
-            launch.heads, layout.head_group, plan.table,
-            layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
-            scale * LOG2E, n, h, hs, layout.n_qblocks,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k,
-            KIND0=launch.kind0, KIND1=launch.kind1, PERMUTED=launch.permuted,
-        )  # fmt: skip
+    lse = _new_like(torch.empty((b, h, n), dtype=torch.float32, device=q.device))
+    _launch(
+        _fwd_kernel, (b * h, layout.n_qblocks),
+        q, k, v, out, lse,
+        layout.head_group, plan.table, plan.q_order,
+        layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
+        scale * LOG2E, n, h, layout.n_qblocks, *_strides(q, k, v, out),
+        D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k,
+    )  # fmt: skip
     return out, lse
+
+
+_DELTA_ROWS = 64
 
 
 def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
     b, h, n, d = q.shape
     plan = _launch_plan(layout)
-    dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1).contiguous()  # (B, H, n)
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    _bwd_delta_kernel[(b * h, triton.cdiv(n, _DELTA_ROWS))](
+        out, dout, delta, n, h, *_strides(out, dout), D=d, BLOCK=_DELTA_ROWS
+    )
     dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
-    for launch in plan.launches:
-        hs = launch.heads.numel()
-        _launcher(_bwd_dq_kernel)[(layout.n_qblocks, b * hs)](
-            q, k, v, dout, dq, lse, delta,
-            launch.heads, layout.head_group, plan.table,
-            layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
-            scale, scale * LOG2E, n, h, hs, layout.n_qblocks,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k,
-            KIND0=launch.kind0, KIND1=launch.kind1, PERMUTED=launch.permuted,
-        )  # fmt: skip
-        _launcher(_bwd_dkdv_kernel)[(layout.n_kblocks, b * hs)](
-            q, k, v, dout, dk, dv, lse, delta,
-            launch.heads, layout.head_group, plan.table,
-            layout.k2q_indptr, layout.k2q_index, layout.k2q_full,
-            scale, scale * LOG2E, n, h, hs, layout.n_kblocks,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k,
-            KIND0=launch.kind0, KIND1=launch.kind1, PERMUTED=launch.permuted,
-        )  # fmt: skip
+    blocks = {"D": d, "BLOCK_Q": layout.block_q, "BLOCK_K": layout.block_k}
+    _launch(
+        _bwd_dq_kernel, (b * h, layout.n_qblocks),
+        q, k, v, dout, dq, lse, delta,
+        layout.head_group, plan.table, plan.q_order,
+        layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
+        scale, scale * LOG2E, n, h, layout.n_qblocks, *_strides(q, k, v, dout, dq),
+        **blocks,
+    )  # fmt: skip
+    _launch(
+        _bwd_dkdv_kernel, (b * h, layout.n_kblocks),
+        q, k, v, dout, dk, dv, lse, delta,
+        layout.head_group, plan.table, plan.k_order,
+        layout.k2q_indptr, layout.k2q_index, layout.k2q_full,
+        scale, scale * LOG2E, n, h, layout.n_kblocks, *_strides(q, k, v, dout, dk, dv),
+        **blocks,
+    )  # fmt: skip
     return dq, dk, dv
 
 
@@ -613,6 +687,7 @@ def triton_sparse_attention(
 
 __all__ = [
     "NO_PART",
+    "PLAIN_OPTIONS",
     "SUPPORTED_HEAD_DIMS",
     "GroupRow",
     "autotuned_configs",

@@ -182,7 +182,8 @@ def test_backend_tables_die_with_their_layout() -> None:
     assert len(masks) == 1
     derived = [
         plan.table,
-        *(launch.heads for launch in plan.launches),
+        plan.q_order,
+        plan.k_order,
         *ell,
         layout.head_orders(),
         layout.head_inverse_orders(),

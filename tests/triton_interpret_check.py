@@ -34,28 +34,39 @@ def cases():
         yield pattern_for_layer(kind, mode=mode, layer=layer, n_heads=4, stride=l, summary=c)
 
 
+OPTIONS = ({"KPACK": 1, "TRANS": 0}, {"KPACK": 2, "TRANS": 1})
+"""Both code paths of each kernel: one key block per tile and plain dK/dV
+accumulators, then two key blocks per tile and transposed accumulators."""
+
+
 def main() -> None:
     ta.POISON_OUTPUTS = True  # NaN-filled outputs: every element must be written
     seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     gen = torch.Generator().manual_seed(seed)
-    for i, pattern in enumerate(cases()):
-        n = (37, 100)[i % 2]
-        bq, bk = ((16, 16), (32, 16), (16, 32))[i % 3]
-        layout = compile_layout(pattern, n, 4, bq, bk)
-        q, k, v, w = (
-            torch.randn(2, 4, n, 16, generator=gen, dtype=torch.float64) for _ in range(4)
-        )
-        for x in (q, k, v):
-            x.requires_grad_()
-        ref = reference_attention(q, k, v, layout)
-        ref_g = torch.autograd.grad((ref * w).sum(), (q, k, v))
-        q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
-        out = ta.triton_sparse_attention(q32, k32, v32, layout)
-        g = torch.autograd.grad((out * w.float()).sum(), (q32, k32, v32))
-        assert not any(t.isnan().any() for t in (out, *g)), "unwritten output elements"
-        errs = [float((out.double() - ref).abs().max())]
-        errs += [float((a.double() - b).abs().max()) for a, b in zip(g, ref_g)]
-        print(json.dumps({"pattern": pattern.describe(), "n": n, "errors": errs}), flush=True)
+    for options in OPTIONS:
+        ta.PLAIN_OPTIONS = options
+        for i, pattern in enumerate(cases()):
+            n, d = (37, 100)[i % 2], (16, 32)[i % 2]
+            bq, bk = ((16, 16), (32, 16), (16, 32))[i % 3]
+            layout = compile_layout(pattern, n, 4, bq, bk)
+            errs = errors(layout, n, d, gen)
+            row = {"pattern": pattern.describe(), "n": n, "d": d, "options": options}
+            print(json.dumps({**row, "errors": errs}), flush=True)
+
+
+def errors(layout, n: int, d: int, gen: torch.Generator) -> list[float]:
+    """Max errors of the fp32 kernels' out, dq, dk, dv against the fp64 reference."""
+    q, k, v, w = (torch.randn(2, 4, n, d, generator=gen, dtype=torch.float64) for _ in range(4))
+    for x in (q, k, v):
+        x.requires_grad_()
+    ref = reference_attention(q, k, v, layout)
+    ref_g = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    out = ta.triton_sparse_attention(q32, k32, v32, layout)
+    g = torch.autograd.grad((out * w.float()).sum(), (q32, k32, v32))
+    assert not any(t.isnan().any() for t in (out, *g)), "unwritten output elements"
+    errs = [float((out.detach().double() - ref.detach()).abs().max())]
+    return errs + [float((a.double() - b).abs().max()) for a, b in zip(g, ref_g)]
 
 
 def check_compile() -> None:
