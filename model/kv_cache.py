@@ -34,6 +34,7 @@ q and k are multiplied in fp32 (section 6: their product can overflow fp16).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -219,6 +220,28 @@ class LayerKVCache:
         for store in self.stores:
             store.write(self.length, k, v)
         self.length += t
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        sparse: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        scale: float,
+    ) -> torch.Tensor:
+        """The attention layer's output (B, H, T, d) for q, k, v of the next T positions.
+
+        Empty cache: the prefill, by ``sparse`` (the layer's block-sparse attention), after
+        keeping what later positions can read. Later: one position (T = 1) over the cache.
+        """
+        if self.length == 0:
+            self.append(k, v)
+            return sparse(q, k, v)
+        if q.shape[2] != 1:
+            raise ValueError("attention: after the prefill, decode one position at a time")
+        i = self.length
+        self.append(k, v)
+        return self.attend(q, i, scale)  # (B, H, 1, d)
 
     def attend(self, q: torch.Tensor, i: int, scale: float) -> torch.Tensor:
         """Attention of the query (B, H, 1, d_qk) at position i over the cache -> (B, H, 1, d).

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sparse_transformer.model.config import SparseTransformerConfig
 from sparse_transformer.model.kv_cache import KVCache, LayerKVCache
+from sparse_transformer.model.static_cache import StaticLayerCache
 from sparse_transformer.ops import BlockLayout, compile_layout, sparse_attention
 
 LN2 = math.log(2.0)
@@ -75,23 +76,19 @@ class SparseSelfAttention(nn.Module):
             self._bound = (n, device, layout)
         return self._bound[2]
 
-    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: LayerKVCache | StaticLayerCache | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         H, dq, dv = self.n_heads, self.d_head_qk, self.d_head
         q, k, v = self.qkv(x).split([H * dq, H * dq, C], dim=-1)  # (B, T, H*dq) x2, (B, T, C)
         q = q.view(B, T, H, dq).transpose(1, 2)  # (B, H, T, dq)
         k = k.view(B, T, H, dq).transpose(1, 2)  # (B, H, T, dq)
         v = v.view(B, T, H, dv).transpose(1, 2)  # (B, H, T, dv)
-        if cache is not None and cache.length > 0:  # one decoding step at position i
-            if T != 1:
-                raise ValueError("attention: after the prefill, decode one position at a time")
-            i = cache.length
-            cache.append(k, v)
-            y = cache.attend(q, i, self.scale)  # (B, H, 1, dv)
-        else:
-            if cache is not None:  # prefill: keep what later positions can read
-                cache.append(k, v)
+        if cache is None:
             y = self._sparse(q, k, v)  # (B, H, T, dv)
+        else:  # the cache keeps k, v and runs the prefill (sparse) or one decoding step
+            y = cache.attention(q, k, v, self._sparse, self.scale)  # (B, H, T, dv)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, H*dv): heads side by side
         return self.proj(y)
 
@@ -134,7 +131,9 @@ class Block(nn.Module):
         self.drop_b = nn.Dropout(cfg.dropout)
         self.recompute = cfg.recompute_for(layer)
 
-    def branch_a(self, h: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def branch_a(
+        self, h: torch.Tensor, cache: LayerKVCache | StaticLayerCache | None = None
+    ) -> torch.Tensor:
         """a(H) = dropout(attention(norm(H)))."""
         return self.drop_a(self.attn(self.ln_1(h), cache))
 
@@ -146,7 +145,9 @@ class Block(nn.Module):
         h_plus_a = h + self.branch_a(h)
         return h_plus_a + self.branch_b(h_plus_a)
 
-    def forward(self, h: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, cache: LayerKVCache | StaticLayerCache | None = None
+    ) -> torch.Tensor:
         if cache is not None or self.recompute == "none" or not torch.is_grad_enabled():
             h_plus_a = h + self.branch_a(h, cache)
             return h_plus_a + self.branch_b(h_plus_a)
@@ -227,12 +228,16 @@ class SparseTransformer(nn.Module):
     # -- the network -----------------------------------------------------------------------
     def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
         """H_0: token embedding plus one learned embedding per structural coordinate."""
-        B, T = idx.shape
+        T = idx.shape[1]
         if start + T > self.config.n_ctx:
             raise ValueError(
                 f"model: positions {start}..{start + T - 1} exceed n_ctx = {self.config.n_ctx}"
             )
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        return self.embed_at(idx, torch.arange(start, start + T, device=idx.device))
+
+    def embed_at(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """H_0 of tokens (B, T) at the positions ``pos`` (T,), a tensor: no host-side
+        position, so a compiled decoding step does not depend on it."""
         h = self.tok_emb(idx)  # (B, T, d)
         for emb, stride in zip(self.pos_emb, self._coord_strides):
             h = h + emb((pos // stride) % emb.num_embeddings)  # (T, d) broadcast over B
