@@ -10,6 +10,7 @@ BENCHMARKS = {
     "attention": "sparse_transformer.benchmarks.attention",
     "data": "sparse_transformer.benchmarks.data",
     "train-step": "sparse_transformer.benchmarks.train_step",
+    "sampling": "sparse_transformer.benchmarks.sampling",
 }
 
 
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``bench NAME [ARGS...]``."""
     p = sub.add_parser(
         "bench",
-        help="run a benchmark (layouts, attention-cpu, attention, data, train-step)",
+        help="run a benchmark (layouts, attention-cpu, attention, data, train-step, sampling)",
         description="Run one of the benchmarks in benchmarks/; arguments after the name go to it "
         "(try `sparse-transformer bench NAME --help`).",
     )

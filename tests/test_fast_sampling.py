@@ -5,10 +5,13 @@ and the cache's bytes per layer are what a hand count gives. Tiny configs, CPU."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from sparse_transformer.benchmarks import sampling
 from sparse_transformer.model import generate, load_model_config
 from sparse_transformer.model.fast_decode import StaticDecoder, decoder_for, static_decode
 from sparse_transformer.model.static_cache import StaticKVCache, StaticLayerCache, cache_bytes
@@ -182,3 +185,38 @@ def test_cache_bytes_is_what_the_static_cache_allocates(kind, mode):
     }
     assert report[0].slots == expect[f"{kind}-{mode}"]
     assert report[0].sparse_bytes == sum(report[0].slots) * per_slot
+
+
+# -- benchmarks/sampling.py ------------------------------------------------------------------------
+
+
+def test_sampling_benchmark_cpu_smoke(tmp_path, capsys):
+    out = tmp_path / "sampling.json"
+    argv = ["--cpu-smoke", "--paths", "eager,static", "--steps", "6", "--eager-steps", "6"]
+    assert sampling.main([*argv, "--warmup", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["path"]: r for r in result["rows"]}
+    assert set(rows) == {"eager", "static"}
+    for row in rows.values():
+        assert (row["config"], row["batch"], row["prompt"]) == ("tiny", 2, 16)
+        assert row["step_ms"] > 0
+        assert row["tokens_per_s"] * row["step_ms"] / 1e3 == pytest.approx(2, rel=0.01)
+    assert rows["static"]["same_tokens"] and rows["static"]["compared"] == 8  # 2 + 6 steps
+    assert rows["static"]["sync_free"] is None  # checked on CUDA only
+    # tiny: 4 fixed merged layers, 4 heads of 32 + 32 channels, fp32, batch 2
+    (cache,) = result["cache"]
+    assert (cache["layers"], cache["slots"]) == (4, [32 + 32 * 8] * 4)
+    assert cache["sparse_bytes"] == 288 * 4 * 64 * 4 * 2
+    assert cache["dense_bytes"] == 1024 * 4 * 64 * 4 * 2
+    table = capsys.readouterr().out
+    assert "| tiny | 2 | 16 | static |" in table and "| 28% |" in table
+
+
+def test_sampling_benchmark_compares_tokens_from_the_prompt_on():
+    reference = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 4, 5]])
+    other = reference.clone()
+    assert sampling.compare(other, reference, 2) == {
+        "same_tokens": True, "first_difference": None, "compared": 3
+    }  # fmt: skip
+    other[1, 3] = 0
+    assert sampling.compare(other[:, :4], reference, 2)["first_difference"] == 1
