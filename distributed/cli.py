@@ -295,6 +295,23 @@ def _sample_arguments(q: argparse.ArgumentParser) -> None:
         "--top-p", type=float, default=None, help="nucleus mass (default 0.9 text, 1 otherwise)"
     )
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument(
+        "--fast",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="MODE",
+        help="decode with a static cache and a compiled step (model/fast_decode.py; the same "
+        "samples): MODE static, compile, graph or compile-blocks (default: compile on a GPU, "
+        "static on the CPU)",
+    )
+
+
+def _fast(value: str | None) -> bool | str:
+    """``generate``'s ``fast`` argument for ``--fast [MODE]``."""
+    if value is None:
+        return False
+    return True if value == "auto" else value
 
 
 # sample's defaults per kind of data: (held-out examples, completions of each)
@@ -337,7 +354,7 @@ def _sample(args: argparse.Namespace) -> int:
             data = evaluation.sample_bytes(
                 model, (args.prompt if args.prompt is not None else "The ").encode("utf-8"),
                 200 if args.length is None else args.length, seed=args.seed,
-                device=device, temperature=args.temperature, top_p=top_p,
+                device=device, temperature=args.temperature, top_p=top_p, fast=_fast(args.fast),
             )  # fmt: skip
             sys.stdout.write(data.decode("utf-8", errors="replace") + "\n")
             path = sample_files.write_text(out_dir / f"text-seed{args.seed}.txt", data)
@@ -383,6 +400,7 @@ def _sample_media(
         "seed": args.seed,
         "temperature": args.temperature,
         "top_p": top_p,
+        "fast": _fast(args.fast),
     }
     if fmt.kind == "image":
         return sample_files.write_image_samples(model, fmt, held, out_dir, **common)

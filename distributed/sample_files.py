@@ -254,6 +254,7 @@ def write_image_samples(
     temperature: float = 1.0,
     top_p: float = 1.0,
     scale: int | None = None,
+    fast: bool | str = False,
 ) -> list[SampleFile]:
     """The completion grid of the ``held`` images (N, H*W*C) and, when ``unconditional``
     > 0, a grid of that many unconditional samples, as PNGs in ``out_dir``.
@@ -262,7 +263,8 @@ def write_image_samples(
     ``completions`` samples of the lower half, then the original. Unconditional samples
     start from the first intensity of a held-out image (the model has no start token)
     and fill rows of :data:`UNCONDITIONAL_COLUMNS`. One generator seeded with ``seed``
-    draws the completions, then the unconditional samples.
+    draws the completions, then the unconditional samples. ``fast``: ``generate``'s fast
+    path (the same samples).
     """
     assert fmt.image_shape is not None
     shape = fmt.image_shape
@@ -275,15 +277,15 @@ def write_image_samples(
     scale = scale or default_scale(shape)
     device = _device(module)
     gen = torch.Generator(device=device).manual_seed(seed)
+    sampling = dict(generator=gen, temperature=temperature, top_p=top_p, fast=fast)
     originals = torch.from_numpy(held[:, :n].astype(np.int64)).to(device)  # (N, n)
     out_dir = Path(out_dir)
     written = []
     if completions > 0:
         prompt_len = max(1, h // 2) * w * c
         drawn = complete(
-            module, originals[:, :prompt_len], n - prompt_len, samples=completions,
-            generator=gen, temperature=temperature, top_p=top_p,
-        )  # fmt: skip  # (N, K, n)
+            module, originals[:, :prompt_len], n - prompt_len, samples=completions, **sampling
+        )  # (N, K, n)
         prompt = originals.new_full(originals.shape, HIDDEN)
         prompt[:, :prompt_len] = originals[:, :prompt_len]
         cells = torch.cat([prompt[:, None], drawn, originals[:, None]], dim=1)  # (N, K + 2, n)
@@ -300,7 +302,7 @@ def write_image_samples(
         )
     if unconditional > 0:
         first = originals[torch.arange(unconditional, device=device) % len(held), :1]
-        drawn = complete(module, first, n - 1, generator=gen, temperature=temperature, top_p=top_p)
+        drawn = complete(module, first, n - 1, **sampling)
         drawn = drawn[:, 0]  # (U, n)
         cols = min(unconditional, UNCONDITIONAL_COLUMNS)
         rows = math.ceil(unconditional / cols)
@@ -330,6 +332,7 @@ def write_audio_samples(
     seed: int = 0,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    fast: bool | str = False,
 ) -> list[SampleFile]:
     """WAV files at the dataset's sample rate, in ``out_dir``: every ``held`` window (N,
     seq_len) cut to the model's context, ``completions`` continuations of ``length``
@@ -338,7 +341,8 @@ def write_audio_samples(
 
     A continuation's file holds its prompt too, so one hears where the model takes over
     (the time the prompt ends is in its description). One generator seeded with ``seed``
-    draws the continuations, then the unconditional clips.
+    draws the continuations, then the unconditional clips. ``fast``: ``generate``'s fast
+    path (the same samples).
     """
     assert fmt.sample_rate is not None
     total = min(fmt.seq_len, module.config.n_ctx)
@@ -350,6 +354,7 @@ def write_audio_samples(
     rate, mu = fmt.sample_rate, fmt.mu
     device = _device(module)
     gen = torch.Generator(device=device).manual_seed(seed)
+    sampling = dict(generator=gen, temperature=temperature, top_p=top_p, fast=fast)
     windows = torch.from_numpy(held[:, :total].astype(np.int64)).to(device)  # (N, total)
     prompt_len = total - length
     out_dir = Path(out_dir)
@@ -358,10 +363,8 @@ def write_audio_samples(
         path = write_wav(out_dir / f"{split}-{i}.wav", window, rate, mu)
         written.append(SampleFile(path, f"held-out window {i}, {total / rate:.3f} s"))
     if completions > 0:
-        drawn = complete(
-            module, windows[:, :prompt_len], length, samples=completions, generator=gen,
-            temperature=temperature, top_p=top_p,
-        )  # fmt: skip  # (N, K, total)
+        prompts = windows[:, :prompt_len]
+        drawn = complete(module, prompts, length, samples=completions, **sampling)  # (N, K, total)
         drawn = drawn.cpu().numpy()
         for i in range(len(held)):
             for k in range(completions):
@@ -377,7 +380,7 @@ def write_audio_samples(
                 )
     if unconditional > 0:
         first = windows[torch.arange(unconditional, device=device) % len(held), :1]
-        drawn = complete(module, first, length, generator=gen, temperature=temperature, top_p=top_p)
+        drawn = complete(module, first, length, **sampling)
         drawn = drawn[:, 0].cpu().numpy()  # (U, 1 + length)
         for j, clip in enumerate(drawn):
             path = write_wav(out_dir / f"unconditional-{j}-seed{seed}.wav", clip, rate, mu)

@@ -12,11 +12,15 @@ import torch
 from torch._dynamo.utils import counters
 
 from sparse_transformer.benchmarks import sampling
+from sparse_transformer.cli import main
+from sparse_transformer.data import prepare
+from sparse_transformer.distributed import evaluation
 from sparse_transformer.model import generate, load_model_config
 from sparse_transformer.model.fast_decode import StaticDecoder, decoder_for, static_decode
 from sparse_transformer.model.static_cache import StaticKVCache, StaticLayerCache, cache_bytes
 from sparse_transformer.ops import Pattern
 from tests.test_model import IDS, PATTERN_MODES, build, small_config, tokens
+from tests.test_sample_files import save_checkpoint, tiny_model
 
 
 def _static_logits(model, idx: torch.Tensor, prefill: int) -> torch.Tensor:
@@ -220,3 +224,35 @@ def test_sampling_benchmark_compares_tokens_from_the_prompt_on():
     }  # fmt: skip
     other[1, 3] = 0
     assert sampling.compare(other[:, :4], reference, 2)["first_difference"] == 1
+
+
+# -- sampling through the command and the evaluation helpers ---------------------------------------
+
+
+def test_complete_fast_draws_the_same_continuations():
+    cfg = small_config("fixed", "multihead")
+    model = build(cfg, dtype=torch.float32, seed=2, std=0.2).eval()
+    prompts = tokens(cfg, batch=2, n=6)
+    drawn = []
+    for fast in (False, "static"):
+        g = torch.Generator().manual_seed(4)
+        drawn.append(evaluation.complete(model, prompts, 30, samples=3, generator=g, fast=fast))
+    assert drawn[0].shape == (2, 3, 36)
+    assert torch.equal(drawn[0], drawn[1])
+
+
+def test_sample_command_with_fast_writes_the_same_text(tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_bytes(b"the quick brown fox jumps over the lazy dog. " * 200)
+    url = f"file://{tmp_path}/text"
+    prepare("text", url, path=str(tmp_path / "corpus.txt"), seq_len=64)
+    model = tiny_model(64, (8, 8), 8)
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # not uniform: a real choice per byte
+    ckpt = save_checkpoint(tmp_path / "run", model, url, 3)
+    args = ["sample", "--checkpoint", str(ckpt), "--length", "40", "--out", str(tmp_path / "o")]
+    printed = []
+    for fast in ([], ["--fast"], ["--fast", "static"]):
+        assert main([*args, *fast]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0].startswith("The ") and printed[1] == printed[0] and printed[2] == printed[0]
+    assert main([*args, "--fast", "fastest"]) == 2
+    assert "unknown mode 'fastest'" in capsys.readouterr().err
