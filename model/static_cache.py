@@ -210,7 +210,7 @@ class _Store:
         k, v = self.k, self.v
         if gather is not None:
             k, v = k.index_select(2, gather), v.index_select(2, gather)  # (B, Hs, S, d)
-        s = torch.einsum("bhd,bhsd->bhs", self.heads_of(q)[:, :, 0].to(compute), k.to(compute))
+        s = _dot(self.heads_of(q)[:, :, 0].to(compute), k.to(compute))  # (B, Hs, S)
         return (s * scale).masked_fill(~(valid & self.allowed(i, p)), float("-inf")), v
 
 
@@ -281,6 +281,23 @@ class _FullStore(_Store):
 _STORES = {"ring": _RingStore, "summary": _SummaryStore, "full": _FullStore}
 
 
+# When traced by torch.compile the products are written as multiply-and-sum: Inductor makes
+# each one reduction that reads the fp16 keys/values and widens them in registers (a matmul
+# would first write an fp32 copy of the cache). Eager, einsum (a batched matmul) is faster.
+def _dot(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (B, H, d) . k (B, H, S, d) -> (B, H, S)."""
+    if torch.compiler.is_compiling():
+        return (q[:, :, None, :] * k).sum(-1)
+    return torch.einsum("bhd,bhsd->bhs", q, k)
+
+
+def _mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p (B, H, S) weights the values v (B, H, S, d) -> (B, H, d)."""
+    if torch.compiler.is_compiling():
+        return (p[..., None] * v).sum(-2)
+    return torch.einsum("bhs,bhsd->bhd", p, v)
+
+
 # -- layers and the model's cache -----------------------------------------------------------------
 
 
@@ -336,7 +353,7 @@ class StaticLayerCache:
         for store, (sc, v) in zip(self.stores, parts):
             p_store = store.heads_of(p[..., start : start + sc.shape[-1]])  # (B, Hs, S)
             start += sc.shape[-1]
-            o = torch.einsum("bhs,bhsd->bhd", p_store, v.to(compute))  # (B, Hs, d)
+            o = _mix(p_store, v.to(compute))  # (B, Hs, d)
             o = store.to_all_heads(o, 0.0)
             out = o if out is None else out + o
         assert out is not None
