@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
@@ -45,16 +46,12 @@ CONFIGS = {
 }
 """Block shapes: the ones that won earlier runs (64x32 for enwik8's 32-wide summaries,
 64x64 elsewhere; 128-row query blocks and 128x64 never won and cost compile time)."""
-FLEX_VARIANTS = [
-    (128, None),
-    (128, {"USE_TMA": True}),
-    ((128, 64), {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64}),
-    (128, {"BACKEND": "FLASH"}),
-]
+FLEX_VARIANTS = [(128, None), (128, {"BACKEND": "FLASH"})]
 """FlexAttention's block sizes and kernel options tried (the best kept): its Triton
-template at 128 (its default), with Hopper's tensor-memory loads, at (128, 64), and its
-CuTe-DSL flash backend where the GPU image has it. Blocks under 128 do not compile at
-these head sizes."""
+template at 128, its default (blocks under 128 do not compile at these head sizes;
+(128, 64) never won), and its CuTe-DSL flash backend where the GPU image has it.
+``--flex-tma`` adds the Triton template with Hopper's tensor-memory loads (a compile
+of its own per shape)."""
 GOALS = {
     "vs_flex_min": 1.5,
     "vs_flex_geomean": 2.0,
@@ -240,10 +237,12 @@ def _flex_attn(layout: BlockLayout, block, options):
     return attn
 
 
-def measure_flex(name: str, layout: BlockLayout, q, k, v, dout, row: dict) -> dict | None:
-    """FlexAttention, compiled, at each of ``FLEX_VARIANTS`` that compiles; the best kept."""
+def measure_flex(
+    name: str, layout: BlockLayout, q, k, v, dout, row: dict, variants: list
+) -> dict | None:
+    """FlexAttention, compiled, at each of ``variants`` that compiles; the best kept."""
     best = None
-    for block, options in FLEX_VARIANTS:
+    for block, options in variants:
         label = f"{block} {options or ''}".strip()
         try:
             t = time.perf_counter()
@@ -268,7 +267,9 @@ def _sdpa(a, b_, c_):
     return torch.nn.functional.scaled_dot_product_attention(a, b_, c_, is_causal=True)
 
 
-def run_config(name: str, dtype: torch.dtype, baselines: tuple[str, ...]) -> dict:
+def run_config(
+    name: str, dtype: torch.dtype, baselines: tuple[str, ...], flex_variants: list
+) -> dict:
     kind, mode, heads, d, n, l, c, batch, _ = CONFIGS[name]
     pattern = pattern_for_layer(kind, mode=mode, layer=0, n_heads=heads, stride=l, summary=c)
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -282,7 +283,9 @@ def run_config(name: str, dtype: torch.dtype, baselines: tuple[str, ...]) -> dic
     row["ours"], layout = measure_ours(name, q, k, v, dout)
     row["attended_pairs"] = attended_pairs(layout)
     row["dense_pairs"] = n * (n + 1) / 2
-    row["flex"] = measure_flex(name, layout, q, k, v, dout, row) if "flex" in baselines else None
+    row["flex"] = None
+    if "flex" in baselines:
+        row["flex"] = measure_flex(name, layout, q, k, v, dout, row, flex_variants)
     row["sdpa"] = None
     if "sdpa" in baselines:
         try:
@@ -402,12 +405,33 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _resumed(path: str | None, result: dict) -> dict[str, dict]:
+    """Rows of an earlier, interrupted run of this command on the same GPU and torch."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        earlier = json.load(f)
+    if (earlier["gpu"], earlier["torch"]) != (result["gpu"], result["torch"]):
+        raise SystemExit(f"--resume: {path} was measured on another GPU or torch")
+    result["resumed_from"] = earlier["command"]
+    log(f"resuming: {[r['config'] for r in earlier['rows']]} kept from {path}")
+    return {r["config"]: r for r in earlier["rows"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--baselines", default="flex,sdpa", help="comma list: flex, sdpa")
     parser.add_argument("--json", help="write the full results as JSON here")
+    parser.add_argument(
+        "--flex-tma", action="store_true", help="also try FlexAttention with USE_TMA"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows already in --json (same GPU and torch) and measure the rest",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/attention.py needs a CUDA GPU (see attention_cpu.py)")
@@ -427,8 +451,13 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [],
     }
     log(f"matmul {result['matmul_tflops']:.0f} TFLOP/s, layout {result['layout_build']}")
+    done = _resumed(args.json, result) if args.resume else {}
+    flex_variants = FLEX_VARIANTS + ([(128, {"USE_TMA": True})] if args.flex_tma else [])
     for name in args.configs.split(","):
-        row = run_config(name, dtype, tuple(args.baselines.split(",")))
+        if name in done:
+            result["rows"].append(done[name])
+            continue
+        row = run_config(name, dtype, tuple(args.baselines.split(",")), flex_variants)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         if args.json:

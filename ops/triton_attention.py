@@ -139,19 +139,23 @@ def _program(H, head_group, group_table, order, NBLK):
 
 
 @triton.jit
-def _orig_rows(p, perm_l, rows, n):
+def _orig_rows(p, perm_l, rows, n, PERMUTED: tl.constexpr):
     """Original rows of head-order positions ``p`` and which are real (below n). The
-    natural order has ``perm_l`` 0 and ``rows`` 1, where the map is the identity."""
-    orig = tl.where(p < rows * perm_l, (p % rows) * perm_l + p // rows, p)
+    natural order (``perm_l`` 0) is the identity; PERMUTED is whether any group of the
+    layout is transposed, so layouts without one never pay for the division."""
+    orig = p
+    if PERMUTED:  # noqa: SIM102 (compile-time test, then run-time test)
+        if perm_l != 0:
+            orig = tl.where(p < rows * perm_l, (p % rows) * perm_l + p // rows, p)
     return orig, (orig < n) & (p >= 0)
 
 
 @triton.jit
-def _block_rows(blk, BLOCK: tl.constexpr, perm_l, rows, n):
+def _block_rows(blk, BLOCK: tl.constexpr, perm_l, rows, n, PERMUTED: tl.constexpr):
     """Block ``blk``'s head-order positions ``p``, their original rows and which of
     those are real rows."""
     p = blk * BLOCK + tl.arange(0, BLOCK)
-    orig, valid = _orig_rows(p, perm_l, rows, n)
+    orig, valid = _orig_rows(p, perm_l, rows, n, PERMUTED)
     return p, orig, valid
 
 
@@ -160,14 +164,15 @@ def _packed_keys(index, full, e, end, BLOCK_K: tl.constexpr, KPACK: tl.constexpr
     """Positions (head order) of the KPACK key blocks ``index[e : e + KPACK]`` as one
     tile of KPACK * BLOCK_K keys (-1 past the list's end) and whether every one of
     them is a full block (1 or 0)."""
-    slot = tl.arange(0, KPACK * BLOCK_K)
-    entry = e + slot // BLOCK_K
-    inside = entry < end
-    kb = tl.load(index + entry, mask=inside, other=-1)
-    p = tl.where(inside, kb * BLOCK_K + slot % BLOCK_K, -1)
     if KPACK == 1:
+        p = tl.load(index + e) * BLOCK_K + tl.arange(0, BLOCK_K)
         is_full = tl.load(full + e).to(tl.int32)
     else:
+        slot = tl.arange(0, KPACK * BLOCK_K)
+        entry = e + slot // BLOCK_K
+        inside = entry < end
+        kb = tl.load(index + entry, mask=inside, other=-1)
+        p = tl.where(inside, kb * BLOCK_K + slot % BLOCK_K, -1)
         is_full = tl.min(tl.load(full + entry, mask=inside, other=0).to(tl.int32), 0)
     return p, is_full
 
@@ -254,10 +259,11 @@ def _fwd_kernel(
     indptr, index, full,
     sm_scale_log2, n, H, NQB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, KPACK: tl.constexpr = 1,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PERMUTED: tl.constexpr,
+    KPACK: tl.constexpr = 1,
 ):  # fmt: skip
     b, h, g, qb, group_row, perm_l, rows = _program(H, head_group, group_table, order, NQB)
-    p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n)
+    p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n, PERMUTED)
     offs_d = tl.arange(0, D)
     q = _load_tile(Q + b * sqb + h * sqh, o_q, v_q, sqn, offs_d)
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -269,7 +275,7 @@ def _fwd_kernel(
     v_base = V + b * svb + h * svh
     for e in range(start, end, KPACK):
         p_k, is_full = _packed_keys(index, full, e, end, BLOCK_K, KPACK)
-        o_k, v_k = _orig_rows(p_k, perm_l, rows, n)
+        o_k, v_k = _orig_rows(p_k, perm_l, rows, n, PERMUTED)
         k = _load_tile(k_base, o_k, v_k, skn, offs_d)
         v = _load_tile(v_base, o_k, v_k, svn, offs_d)
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
@@ -315,10 +321,11 @@ def _bwd_dq_kernel(
     indptr, index, full,
     sm_scale, sm_scale_log2, n, H, NQB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
-    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, KPACK: tl.constexpr = 1,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PERMUTED: tl.constexpr,
+    KPACK: tl.constexpr = 1,
 ):  # fmt: skip
     b, h, g, qb, group_row, perm_l, rows = _program(H, head_group, group_table, order, NQB)
-    p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n)
+    p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n, PERMUTED)
     offs_d = tl.arange(0, D)
     q = _load_tile(Q + b * sqb + h * sqh, o_q, v_q, sqn, offs_d)
     do = _load_tile(DO + b * sdob + h * sdoh, o_q, v_q, sdon, offs_d)
@@ -330,7 +337,7 @@ def _bwd_dq_kernel(
     v_base = V + b * svb + h * svh
     for e in range(start, end, KPACK):
         p_k, is_full = _packed_keys(index, full, e, end, BLOCK_K, KPACK)
-        o_k, v_k = _orig_rows(p_k, perm_l, rows, n)
+        o_k, v_k = _orig_rows(p_k, perm_l, rows, n, PERMUTED)
         k = _load_tile(k_base, o_k, v_k, skn, offs_d)
         v = _load_tile(v_base, o_k, v_k, svn, offs_d)
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
@@ -353,13 +360,14 @@ def _bwd_dkdv_kernel(
     sm_scale, sm_scale_log2, n, H, NKB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TRANS: tl.constexpr = 0,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PERMUTED: tl.constexpr,
+    TRANS: tl.constexpr = 0,
 ):  # fmt: skip
     """dK and dV of one key block. With TRANS the accumulators are dK^T and dV^T (D rows
     instead of BLOCK_K): the matmuls then have D rows, which Hopper's tensor cores need
     (64 at least) when key blocks are narrower than the head."""
     b, h, g, kb, group_row, perm_l, rows = _program(H, head_group, group_table, order, NKB)
-    p_k, o_k, v_k = _block_rows(kb, BLOCK_K, perm_l, rows, n)
+    p_k, o_k, v_k = _block_rows(kb, BLOCK_K, perm_l, rows, n, PERMUTED)
     offs_d = tl.arange(0, D)
     k = _load_tile(K + b * skb + h * skh, o_k, v_k, skn, offs_d)
     v = _load_tile(V + b * svb + h * svh, o_k, v_k, svn, offs_d)
@@ -377,7 +385,7 @@ def _bwd_dkdv_kernel(
     for e in range(start, end):
         qb = tl.load(index + e)
         is_full = tl.load(full + e)
-        p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n)
+        p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n, PERMUTED)
         q = _load_tile(q_base, o_q, v_q, sqn, offs_d)
         do = _load_tile(do_base, o_q, v_q, sdon, offs_d)
         lse, delta = _load_row_stats(LSE, DELTA, row_base, o_q, v_q)
@@ -463,7 +471,7 @@ def _launch_plan(layout: BlockLayout) -> _LaunchPlan:
     return _PLANS.get(layout, _build_plan)
 
 
-_TUNE_KEY = ["D", "BLOCK_Q", "BLOCK_K", "n"]
+_TUNE_KEY = ["D", "BLOCK_Q", "BLOCK_K", "PERMUTED", "n"]
 _WARPS_STAGES = ((4, 2), (4, 3), (8, 2), (8, 3))
 
 
@@ -478,18 +486,18 @@ def _configs(option: str) -> list[triton.Config]:
     ]
 
 
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+def _option_ok(option: str, value: int, d: int, block_k: int) -> bool:
     """Packing two key blocks into one tile only where blocks are narrow (below 64);
     transposed dK/dV accumulators only where the head is wider than the key block."""
+    if option == "KPACK":
+        return value == 1 or block_k < 64
+    return value == 0 or d > block_k
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configurations ``_option_ok`` allows for these blocks."""
     d, block_k = kwargs["D"], kwargs["BLOCK_K"]
-    keep = []
-    for c in configs:
-        if c.kwargs.get("KPACK", 1) > 1 and block_k >= 64:
-            continue
-        if c.kwargs.get("TRANS", 0) and d <= block_k:
-            continue
-        keep.append(c)
-    return keep
+    return [c for c in configs if all(_option_ok(o, v, d, block_k) for o, v in c.kwargs.items())]
 
 
 def _tuned(kernel, option: str):
@@ -514,14 +522,18 @@ PLAIN_OPTIONS = {"KPACK": 1, "TRANS": 0}
 
 def _launch(kernel, grid, *args, **constexprs) -> None:
     """Launch ``kernel``: autotuned, or at its fixed default configuration (with
-    ``PLAIN_OPTIONS``) when not tuning or under ``torch.use_deterministic_algorithms``:
-    the autotuner picks a configuration by timing in each process, and configurations
-    may round differently, so a restarted process could compute other bits (PyTorch's
-    Inductor likewise stops autotuning in deterministic mode)."""
+    ``PLAIN_OPTIONS`` where ``_option_ok``) when not tuning or under
+    ``torch.use_deterministic_algorithms``: the autotuner picks a configuration by
+    timing in each process, and configurations may round differently, so a restarted
+    process could compute other bits (PyTorch's Inductor likewise stops autotuning in
+    deterministic mode)."""
     tuned = _TUNED[kernel]
     if tuned is kernel or torch.are_deterministic_algorithms_enabled():
         option = _OPTION[kernel]
-        kernel[grid](*args, **constexprs, **{option: PLAIN_OPTIONS[option]})
+        value = PLAIN_OPTIONS[option]
+        if not _option_ok(option, value, constexprs["D"], constexprs["BLOCK_K"]):
+            value = (1, 0)[option == "TRANS"]
+        kernel[grid](*args, **constexprs, **{option: value})
     else:
         tuned[grid](*args, **constexprs)
 
@@ -551,6 +563,15 @@ def _strides(*xs: torch.Tensor) -> list[int]:
     return [s for x in xs for s in x.stride()[:3]]
 
 
+def _constexprs(d: int, layout: BlockLayout) -> dict[str, int | bool]:
+    return {
+        "D": d,
+        "BLOCK_Q": layout.block_q,
+        "BLOCK_K": layout.block_k,
+        "PERMUTED": layout.any_permuted,
+    }
+
+
 def _fwd_impl(q, k, v, layout: BlockLayout, scale: float):
     b, h, n, d = q.shape
     plan = _launch_plan(layout)
@@ -562,7 +583,7 @@ def _fwd_impl(q, k, v, layout: BlockLayout, scale: float):
         layout.head_group, plan.table, plan.q_order,
         layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
         scale * LOG2E, n, h, layout.n_qblocks, *_strides(q, k, v, out),
-        D=d, BLOCK_Q=layout.block_q, BLOCK_K=layout.block_k,
+        **_constexprs(d, layout),
     )  # fmt: skip
     return out, lse
 
@@ -579,7 +600,7 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
         out, dout, delta, n, h, *_strides(out, dout), D=d, BLOCK=_DELTA_ROWS
     )
     dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
-    blocks = {"D": d, "BLOCK_Q": layout.block_q, "BLOCK_K": layout.block_k}
+    blocks = _constexprs(d, layout)
     _launch(
         _bwd_dq_kernel, (b * h, layout.n_qblocks),
         q, k, v, dout, dq, lse, delta,
@@ -657,6 +678,26 @@ torch.library.register_autograd(
 )
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The same forward and backward as the custom ops, called directly outside
+    ``torch.compile``: the custom op's Python dispatch (its autograd wrapper and
+    output checks) costs more host time than the kernels of a small call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: BlockLayout, scale: float):
+        out, lse = _fwd_impl(q, k, v, layout, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.scale = layout, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _bwd_impl(q, k, v, out, lse, dout, ctx.layout, ctx.scale)
+        return dq, dk, dv, None, None
+
+
 def triton_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -679,7 +720,10 @@ def triton_sparse_attention(
         raise ValueError("sparse_attention: the triton backend needs blocks of at least 16")
     scale = d**-0.5 if scale is None else float(scale)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    out, lse2 = block_sparse_attn_fwd(q, k, v, layout.uid, scale)
+    if torch.compiler.is_compiling():
+        out, lse2 = block_sparse_attn_fwd(q, k, v, layout.uid, scale)
+    else:
+        out, lse2 = _EagerAttention.apply(q, k, v, layout, scale)
     if return_lse:
         return out, lse2 * math.log(2.0)
     return out
