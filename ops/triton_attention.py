@@ -4,14 +4,14 @@ Forward: one program per (batch x head, query block) walks the query block's
 list of key blocks (``layout.q2k_*``) with an online softmax in fp32 (base 2),
 applying the element mask only on blocks the layout flags partial; blocks
 outside the layout are never touched. It stores the output and the row
-log-sum-exp. Narrow key blocks (32 wide, enwik8's summaries) can be packed two to
-a tile (``KPACK``), so each step's matmuls and softmax work on 64 keys.
+log-sum-exp.
 
 Backward (deterministic, no atomics): a small kernel computes rowsum(dO * O)
 straight from the low-precision tensors; one program per (batch x head, key
 block) walks the transposed lists (``layout.k2q_*``) and accumulates dK and dV in
 registers, transposed (``TRANS``: D x BLOCK_K, so Hopper's tensor cores get the 64
-rows they need) when the head is wider than the key block; one program per
+rows they need) when the head is wider than the key block (``transposed_dkdv``); one
+program per
 (batch x head, query block) walks the query-major lists for dQ. Probabilities are
 recomputed from the saved log-sum-exp.
 
@@ -33,9 +33,9 @@ whose row has l = 0, R = 1); every load and store goes through that map, so no
 permuted copy of q, k, v is ever made. Rows at or beyond n load as zeros and are
 never stored.
 
-``KPACK``, ``TRANS`` and the warps and stages are autotuned per shape; without the
-autotuner (``torch.use_deterministic_algorithms``, the interpreter, tests) the
-kernels run at ``PLAIN_OPTIONS``.
+The pipeline depth is autotuned per shape; without the autotuner
+(``torch.use_deterministic_algorithms``, the interpreter, tests) the kernels run at
+Triton's defaults.
 
 Registered as the custom ops ``sparse_transformer::block_sparse_attn_fwd`` /
 ``_bwd`` with fake implementations, so ``torch.compile`` and activation
@@ -160,21 +160,10 @@ def _block_rows(blk, BLOCK: tl.constexpr, perm_l, rows, n, PERMUTED: tl.constexp
 
 
 @triton.jit
-def _packed_keys(index, full, e, end, BLOCK_K: tl.constexpr, KPACK: tl.constexpr):
-    """Positions (head order) of the KPACK key blocks ``index[e : e + KPACK]`` as one
-    tile of KPACK * BLOCK_K keys (-1 past the list's end) and whether every one of
-    them is a full block (1 or 0)."""
-    if KPACK == 1:
-        p = tl.load(index + e) * BLOCK_K + tl.arange(0, BLOCK_K)
-        is_full = tl.load(full + e).to(tl.int32)
-    else:
-        slot = tl.arange(0, KPACK * BLOCK_K)
-        entry = e + slot // BLOCK_K
-        inside = entry < end
-        kb = tl.load(index + entry, mask=inside, other=-1)
-        p = tl.where(inside, kb * BLOCK_K + slot % BLOCK_K, -1)
-        is_full = tl.min(tl.load(full + entry, mask=inside, other=0).to(tl.int32), 0)
-    return p, is_full
+def _key_block(index, full, e, BLOCK_K: tl.constexpr):
+    """Positions (head order) of the key block ``index[e]`` and whether it is full."""
+    p = tl.load(index + e) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return p, tl.load(full + e).to(tl.int32)
 
 
 @triton.jit
@@ -260,7 +249,6 @@ def _fwd_kernel(
     sm_scale_log2, n, H, NQB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PERMUTED: tl.constexpr,
-    KPACK: tl.constexpr = 1,
 ):  # fmt: skip
     b, h, g, qb, group_row, perm_l, rows = _program(H, head_group, group_table, order, NQB)
     p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n, PERMUTED)
@@ -273,8 +261,8 @@ def _fwd_kernel(
     start, end = _block_list(indptr, g, qb, NQB)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    for e in range(start, end, KPACK):
-        p_k, is_full = _packed_keys(index, full, e, end, BLOCK_K, KPACK)
+    for e in range(start, end):
+        p_k, is_full = _key_block(index, full, e, BLOCK_K)
         o_k, v_k = _orig_rows(p_k, perm_l, rows, n, PERMUTED)
         k = _load_tile(k_base, o_k, v_k, skn, offs_d)
         v = _load_tile(v_base, o_k, v_k, svn, offs_d)
@@ -322,7 +310,6 @@ def _bwd_dq_kernel(
     sm_scale, sm_scale_log2, n, H, NQB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdqb, sdqh, sdqn,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PERMUTED: tl.constexpr,
-    KPACK: tl.constexpr = 1,
 ):  # fmt: skip
     b, h, g, qb, group_row, perm_l, rows = _program(H, head_group, group_table, order, NQB)
     p_q, o_q, v_q = _block_rows(qb, BLOCK_Q, perm_l, rows, n, PERMUTED)
@@ -335,8 +322,8 @@ def _bwd_dq_kernel(
     start, end = _block_list(indptr, g, qb, NQB)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    for e in range(start, end, KPACK):
-        p_k, is_full = _packed_keys(index, full, e, end, BLOCK_K, KPACK)
+    for e in range(start, end):
+        p_k, is_full = _key_block(index, full, e, BLOCK_K)
         o_k, v_k = _orig_rows(p_k, perm_l, rows, n, PERMUTED)
         k = _load_tile(k_base, o_k, v_k, skn, offs_d)
         v = _load_tile(v_base, o_k, v_k, svn, offs_d)
@@ -361,7 +348,7 @@ def _bwd_dkdv_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
     sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PERMUTED: tl.constexpr,
-    TRANS: tl.constexpr = 0,
+    TRANS: tl.constexpr,
 ):  # fmt: skip
     """dK and dV of one key block. With TRANS the accumulators are dK^T and dV^T (D rows
     instead of BLOCK_K): the matmuls then have D rows, which Hopper's tensor cores need
@@ -472,70 +459,43 @@ def _launch_plan(layout: BlockLayout) -> _LaunchPlan:
 
 
 _TUNE_KEY = ["D", "BLOCK_Q", "BLOCK_K", "PERMUTED", "n"]
-_WARPS_STAGES = ((4, 2), (4, 3), (8, 2), (8, 3))
+_TUNE_CONFIGS = [triton.Config({}, num_warps=4, num_stages=s) for s in (2, 3)]
+"""Four warps won every shape on the H200 (eight ran up to twice as slow), as did one key
+block per tile (two packed into one tile never won), so only the pipeline depth is
+tuned (``benchmarks/results/attention_h200.json``, ``autotuned``)."""
 
 
-def _configs(option: str) -> list[triton.Config]:
-    """Warps x stages, each with ``option`` (KPACK: 1 or 2; TRANS: 0 or 1); ``_prune``
-    drops the option's second value where it cannot help."""
-    values = (1, 2) if option == "KPACK" else (0, 1)
-    return [
-        triton.Config({option: v}, num_warps=w, num_stages=s)
-        for v in values
-        for w, s in _WARPS_STAGES
-    ]
-
-
-def _option_ok(option: str, value: int, d: int, block_k: int) -> bool:
-    """Packing two key blocks into one tile only where blocks are narrow (below 64);
-    transposed dK/dV accumulators only where the head is wider than the key block."""
-    if option == "KPACK":
-        return value == 1 or block_k < 64
-    return value == 0 or d > block_k
-
-
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """The configurations ``_option_ok`` allows for these blocks."""
-    d, block_k = kwargs["D"], kwargs["BLOCK_K"]
-    return [c for c in configs if all(_option_ok(o, v, d, block_k) for o, v in c.kwargs.items())]
-
-
-def _tuned(kernel, option: str):
+def _tuned(kernel):
     """Autotuned launcher on a GPU; the plain kernel (Triton's default warps and
-    stages, ``PLAIN_OPTIONS``) under TRITON_INTERPRET=1 or with
-    SPARSE_TRANSFORMER_AUTOTUNE=0, which the correctness tests set to keep compile
-    time down."""
+    stages) under TRITON_INTERPRET=1 or with SPARSE_TRANSFORMER_AUTOTUNE=0, which
+    the correctness tests set to keep compile time down."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return kernel
     if os.environ.get("SPARSE_TRANSFORMER_AUTOTUNE", "1") == "0":
         return kernel
-    return triton.autotune(
-        configs=_configs(option), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune}
-    )(kernel)
+    return triton.autotune(configs=_TUNE_CONFIGS, key=_TUNE_KEY)(kernel)
 
 
-_OPTION = {_fwd_kernel: "KPACK", _bwd_dq_kernel: "KPACK", _bwd_dkdv_kernel: "TRANS"}
-_TUNED = {k: _tuned(k, option) for k, option in _OPTION.items()}
-PLAIN_OPTIONS = {"KPACK": 1, "TRANS": 0}
-"""The options of an untuned launch (tests set them to check every code path)."""
+_TUNED = {k: _tuned(k) for k in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel)}
 
 
 def _launch(kernel, grid, *args, **constexprs) -> None:
-    """Launch ``kernel``: autotuned, or at its fixed default configuration (with
-    ``PLAIN_OPTIONS`` where ``_option_ok``) when not tuning or under
-    ``torch.use_deterministic_algorithms``: the autotuner picks a configuration by
-    timing in each process, and configurations may round differently, so a restarted
-    process could compute other bits (PyTorch's Inductor likewise stops autotuning in
-    deterministic mode)."""
+    """Launch ``kernel``: autotuned, or at its fixed default configuration when not
+    tuning or under ``torch.use_deterministic_algorithms``: the autotuner picks a
+    configuration by timing in each process, and configurations may round differently,
+    so a restarted process could compute other bits (PyTorch's Inductor likewise stops
+    autotuning in deterministic mode)."""
     tuned = _TUNED[kernel]
-    if tuned is kernel or torch.are_deterministic_algorithms_enabled():
-        option = _OPTION[kernel]
-        value = PLAIN_OPTIONS[option]
-        if not _option_ok(option, value, constexprs["D"], constexprs["BLOCK_K"]):
-            value = (1, 0)[option == "TRANS"]
-        kernel[grid](*args, **constexprs, **{option: value})
-    else:
-        tuned[grid](*args, **constexprs)
+    if torch.are_deterministic_algorithms_enabled():
+        tuned = kernel
+    tuned[grid](*args, **constexprs)
+
+
+def transposed_dkdv(d: int, block_k: int) -> bool:
+    """Accumulate dK and dV transposed (D x BLOCK_K)? Where the head is wider than the
+    key block: Hopper's tensor cores (wgmma) need 64 rows, so a 32-row dK tile falls
+    back to mma.sync (Triton 3.6/3.9 for sm_90); transposed won every such shape."""
+    return d > block_k
 
 
 def autotuned_configs() -> dict[str, list[str]]:
@@ -601,6 +561,7 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
     )
     dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
     blocks = _constexprs(d, layout)
+    trans = transposed_dkdv(d, layout.block_k)
     _launch(
         _bwd_dq_kernel, (b * h, layout.n_qblocks),
         q, k, v, dout, dq, lse, delta,
@@ -615,7 +576,7 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
         layout.head_group, plan.table, plan.k_order,
         layout.k2q_indptr, layout.k2q_index, layout.k2q_full,
         scale, scale * LOG2E, n, h, layout.n_kblocks, *_strides(q, k, v, dout, dk, dv),
-        **blocks,
+        **blocks, TRANS=trans,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -731,12 +692,12 @@ def triton_sparse_attention(
 
 __all__ = [
     "NO_PART",
-    "PLAIN_OPTIONS",
     "SUPPORTED_HEAD_DIMS",
     "GroupRow",
     "autotuned_configs",
     "block_sparse_attn_bwd",
     "block_sparse_attn_fwd",
     "supports",
+    "transposed_dkdv",
     "triton_sparse_attention",
 ]

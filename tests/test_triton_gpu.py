@@ -19,7 +19,6 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from sparse_transformer.ops import compile_layout, pattern_for_layer, sparse_attention  # noqa: E402
-from sparse_transformer.ops import triton_attention as ta  # noqa: E402
 from sparse_transformer.ops.kernel_check import check_kernel  # noqa: E402
 
 MODES = [
@@ -35,27 +34,16 @@ MODES = [
 ]
 
 
-OPTIONS = [{"KPACK": 1, "TRANS": 0}, {"KPACK": 2, "TRANS": 1}]
-"""Both code paths of the kernels (the autotuner may pick either): one or two key
-blocks per tile; plain or transposed dK/dV accumulators."""
-
-
 def _check(kind, mode, layer, n, d, dtype):
     result = check_kernel(kind, mode, layer, n, d, dtype)
     assert result.ok, result.describe()
-
-
-@pytest.fixture(params=OPTIONS, ids=["kpack1-plain", "kpack2-trans"])
-def options(request, monkeypatch):
-    monkeypatch.setattr(ta, "PLAIN_OPTIONS", request.param)
-    return request.param
 
 
 @pytest.mark.parametrize("kind,mode,layer", MODES)
 @pytest.mark.parametrize("n", [1000, 4096])
 @pytest.mark.parametrize("d", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_matches_reference(kind, mode, layer, n, d, dtype, options):
+def test_triton_matches_reference(kind, mode, layer, n, d, dtype):
     _check(kind, mode, layer, n, d, dtype)
 
 
