@@ -20,6 +20,10 @@ recomputation, on the repository's own text. Sections (``--only`` picks some):
   after the first few.
 - ``determinism``: a killed-and-resumed run ends on the weights of an uninterrupted one,
   bitwise, under ``train.deterministic`` (``tiny``, fp16, ZeRO 1).
+- ``sampling``: every fast decoding mode (static cache, CUDA graphs, compiled) samples
+  the eager path's tokens for the same seed, without a host sync per step
+  (``benchmarks.sampling.sampling_check``); in this process, after everything else (a
+  CUDA-graph capture must not share the GPU with another thread's launches).
 - ``default-resume`` (not run by default): the same comparison in the default mode,
   reported, with the attention launch configurations each run's autotuner chose.
 
@@ -47,8 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("kernels", "enwik8", "cifar10", "determinism", "default-resume")
-DEFAULT_SECTIONS = SECTIONS[:4]
+SECTIONS = ("kernels", "enwik8", "cifar10", "determinism", "sampling", "default-resume")
+DEFAULT_SECTIONS = SECTIONS[:5]
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -381,6 +385,15 @@ def section_kernels(report: Report, env: Env) -> None:
         torch.cuda.empty_cache()  # the training runs' workers share this GPU
 
 
+def section_sampling(report: Report, env: Env) -> None:
+    from sparse_transformer.benchmarks.sampling import sampling_check
+
+    start = time.monotonic()
+    ok, message = sampling_check(env.device)
+    took = time.monotonic() - start
+    report.check("sampling: fast decoding gives the eager tokens", ok, f"{message}, {took:.0f} s")
+
+
 def section_enwik8(report: Report, env: Env, plan: Plan, label: str) -> None:
     name = run_name(label)
     scraper = Scraper(env.metrics_url, name) if env.metrics_url else None
@@ -601,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         with report.guard(f"{name}: the section ran"):
             if name == "kernels":
                 section_kernels(report, env)
+            elif name == "sampling":
+                section_sampling(report, env)
             else:
                 RUNNERS[name](report, env, todo[name], name)
 
@@ -613,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     # runs, and after enwik8 (alone: the killed worker, the gauges) the other runs share
     # the GPU, half each, so that the whole check stays within 8 minutes on an H200.
     threads = [in_thread("kernels")] if "kernels" in sections else []
-    runs = [s for s in sections if s != "kernels"]
+    runs = [s for s in sections if s not in ("kernels", "sampling")]
     if runs:
         import ray
 
@@ -627,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     for thread in threads:
         thread.join()
+    if "sampling" in sections:
+        run("sampling")
     if "determinism" in sections or "default-resume" in sections:
         report_flagged_ops(report, env)  # after the kernel checks: it flips a global mode
     summary = f"{report.passed} passed, {report.failed} failed"

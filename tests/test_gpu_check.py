@@ -24,7 +24,7 @@ def test_gpu_check_cpu_smoke_passes(tmp_path: Path) -> None:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     cmd = [
         sys.executable, "-m", "sparse_transformer.benchmarks.gpu_check", "--cpu-smoke",
-        "--only", "kernels,enwik8,determinism", "--json", str(out),
+        "--only", "kernels,enwik8,determinism,sampling", "--json", str(out),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     lines = [x for x in proc.stdout.splitlines() if x[:4] in ("PASS", "FAIL", "INFO")]
@@ -42,5 +42,6 @@ def test_gpu_check_cpu_smoke_passes(tmp_path: Path) -> None:
         "enwik8: eval reads the last checkpoint on cpu",
         "enwik8: sample reads the last checkpoint on cpu",
         "determinism: train.deterministic: resumed == uninterrupted, bitwise",
+        "sampling: fast decoding gives the eager tokens",
     ):
         assert name in checks, (name, lines)
