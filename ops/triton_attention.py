@@ -507,10 +507,16 @@ def autotuned_configs() -> dict[str, list[str]]:
     return out
 
 
+MAX_BLOCKS = 65535
+"""CUDA's limit on a grid's second axis, which runs over a head's blocks (n = 4,194,240
+with 64-row blocks)."""
+
+
 def supports(q: torch.Tensor, layout: BlockLayout) -> bool:
     """Can the kernels run these inputs?"""
     return (
         q.is_cuda
+        and max(layout.n_qblocks, layout.n_kblocks) <= MAX_BLOCKS
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and q.shape[-1] in SUPPORTED_HEAD_DIMS
         and layout.block_q >= 16
@@ -679,6 +685,11 @@ def triton_sparse_attention(
         raise ValueError("sparse_attention: the triton backend does not support fp64")
     if layout.block_q < 16 or layout.block_k < 16:
         raise ValueError("sparse_attention: the triton backend needs blocks of at least 16")
+    if max(layout.n_qblocks, layout.n_kblocks) > MAX_BLOCKS:
+        raise ValueError(
+            f"sparse_attention: the triton backend runs at most {MAX_BLOCKS} blocks per head; "
+            f"this layout has {max(layout.n_qblocks, layout.n_kblocks)} (use larger blocks)"
+        )
     scale = d**-0.5 if scale is None else float(scale)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if torch.compiler.is_compiling():
@@ -691,6 +702,7 @@ def triton_sparse_attention(
 
 
 __all__ = [
+    "MAX_BLOCKS",
     "NO_PART",
     "SUPPORTED_HEAD_DIMS",
     "GroupRow",

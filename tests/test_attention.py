@@ -128,6 +128,18 @@ def test_bad_inputs_raise_value_errors() -> None:
         sparse_attention(q.requires_grad_(), q, q, layout, backend="flex")
 
 
+def test_triton_backend_refuses_what_its_grid_cannot_hold() -> None:
+    """A head's blocks run on the grid's second axis (at most 65,535): past that the
+    backend says so before any launch instead of failing inside CUDA."""
+    ta = pytest.importorskip("sparse_transformer.ops.triton_attention")
+    n = 16 * (ta.MAX_BLOCKS + 1)
+    layout = compile_layout(Pattern("local", stride=16), n, 1, 16, 16)
+    assert layout.n_qblocks == ta.MAX_BLOCKS + 1
+    q = torch.randn(1, 1, 64, 16)
+    with pytest.raises(ValueError, match="at most 65535 blocks per head; this layout has 65536"):
+        ta.triton_sparse_attention(q, q, q, layout)
+
+
 @pytest.mark.parametrize("n", [1, 37, 128])
 def test_sdpa_backend_is_dense_causal_attention(n: int) -> None:
     """``sdpa`` (PyTorch's fused kernels) on a dense layout equals the reference, at the
