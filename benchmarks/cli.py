@@ -8,9 +8,11 @@ BENCHMARKS = {
     "layouts": "sparse_transformer.benchmarks.layouts",
     "attention-cpu": "sparse_transformer.benchmarks.attention_cpu",
     "attention": "sparse_transformer.benchmarks.attention",
+    "attention-host": "sparse_transformer.benchmarks.attention_host",
     "data": "sparse_transformer.benchmarks.data",
     "train-step": "sparse_transformer.benchmarks.train_step",
     "sampling": "sparse_transformer.benchmarks.sampling",
+    "reproduce": "sparse_transformer.benchmarks.reproduce",
 }
 
 
@@ -18,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``bench NAME [ARGS...]``."""
     p = sub.add_parser(
         "bench",
-        help="run a benchmark (layouts, attention-cpu, attention, data, train-step, sampling)",
+        help="run a benchmark (layouts, attention-cpu, attention, data, train-step, sampling, "
+        "reproduce)",
         description="Run one of the benchmarks in benchmarks/; arguments after the name go to it "
         "(try `sparse-transformer bench NAME --help`).",
     )

@@ -1,0 +1,160 @@
+"""Where the host's time goes in one forward+backward of the Triton attention op.
+
+    python -m sparse_transformer.benchmarks.attention_host [--config cifar10] [--json PATH]
+
+Microseconds per call until the last launch returns (the GPU is synchronised only
+around each batch of calls), for one shape of ``benchmarks/attention.py``:
+
+- each backward launch: the rowsum kernel, dQ and dK/dV through the autotuned
+  launcher and straight into the JIT kernel at the configuration it chose;
+- ``_fwd_impl`` and ``_bwd_impl`` called directly (Python and launches only);
+- the op's forward+backward through ``torch.autograd.grad``: as it runs by default
+  (the backward on autograd's device thread), with autograd's threads off (the
+  backward on the calling thread), and the direct backward on another Python thread;
+- a trivial ``autograd.grad`` (``q * 2``): the engine's own cost on this host.
+
+Comparing the rows tells the launch cost, the autotuner's, the autograd engine's and a
+thread hand-off's apart. ``--cpu-smoke`` runs every row on the CPU under Triton's
+interpreter at a tiny shape (the plumbing only: its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def per_call_us(fn: Callable[[], object], calls: int) -> float:
+    """Host microseconds per ``fn()``, over ``calls`` calls after one warm-up call."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    issued = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (issued - start) / calls * 1e6
+
+
+def _on_thread(fn: Callable[[], float]) -> float:
+    out: list[float] = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
+def _inputs(config: str, smoke: bool):
+    from sparse_transformer.benchmarks.attention import CONFIGS
+    from sparse_transformer.ops import compile_layout, pattern_for_layer
+
+    kind, mode, heads, d, n, l, c, batch, blocks = CONFIGS[config]
+    device, dtype = ("cuda", torch.float16) if not smoke else ("cpu", torch.float32)
+    if smoke:  # the same pattern kind at a size the interpreter runs in seconds
+        n, l, c, batch, d, blocks = 64, 16, 4 if c else 0, 1, 16, [(16, 16)]
+    pattern = pattern_for_layer(kind, mode=mode, layer=0, n_heads=heads, stride=l, summary=c)
+    layout = compile_layout(pattern, n, heads, *blocks[0], device=device)
+    q, k, v, dout = (torch.randn(batch, heads, n, d, device=device, dtype=dtype) for _ in range(4))
+    return layout, q, k, v, dout
+
+
+def measure(config: str, calls: int, smoke: bool) -> dict[str, float]:
+    """The rows of the module's docstring for one shape, in microseconds."""
+    from sparse_transformer.ops import sparse_attention
+    from sparse_transformer.ops import triton_attention as ta
+
+    layout, q, k, v, dout = _inputs(config, smoke)
+    scale = q.shape[-1] ** -0.5
+    out, lse = ta._fwd_impl(q, k, v, layout, scale)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+
+    def fwd_bwd() -> None:
+        o = sparse_attention(qg, kg, vg, layout, backend="triton")
+        torch.autograd.grad(o, (qg, kg, vg), dout)
+
+    def backward() -> object:
+        return ta._bwd_impl(q, k, v, out, lse, dout, layout, scale)
+
+    rows = {"launches": launch_costs(layout, q, k, v, out, lse, dout, scale, calls)}
+    rows["fwd_impl"] = per_call_us(lambda: ta._fwd_impl(q, k, v, layout, scale), calls)
+    rows["bwd_impl"] = per_call_us(backward, calls)
+    rows["fwd_bwd_autograd"] = per_call_us(fwd_bwd, calls)
+    with torch.autograd.set_multithreading_enabled(False):
+        rows["fwd_bwd_autograd_one_thread"] = per_call_us(fwd_bwd, calls)
+    rows["bwd_impl_other_thread"] = _on_thread(lambda: per_call_us(backward, calls))
+    x = q.clone().requires_grad_()
+    rows["trivial_autograd"] = per_call_us(lambda: torch.autograd.grad(x * 2, (x,), q), calls)
+    return rows
+
+
+def launch_costs(layout, q, k, v, out, lse, dout, scale, calls: int) -> dict[str, float]:
+    """Each backward launch alone: through ``_launch`` and straight into the kernel."""
+    import triton
+
+    from sparse_transformer.ops import triton_attention as ta
+
+    b, h, n, d = q.shape
+    plan = ta._launch_plan(layout)
+    dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
+    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
+    blocks = ta._constexprs(d, layout)
+    trans = ta.transposed_dkdv(d, layout.block_k)
+    dq_args = (
+        q, k, v, dout, dq, lse, delta, layout.head_group, plan.table, plan.q_order,
+        layout.q2k_indptr, layout.q2k_index, layout.q2k_full, scale, scale, n, h,
+        layout.n_qblocks, *ta._strides(q, k, v, dout, dq),
+    )  # fmt: skip
+    dkdv_args = (
+        q, k, v, dout, dk, dv, lse, delta, layout.head_group, plan.table, plan.k_order,
+        layout.k2q_indptr, layout.k2q_index, layout.k2q_full, scale, scale, n, h,
+        layout.n_kblocks, *ta._strides(q, k, v, dout, dk, dv),
+    )  # fmt: skip
+    dq_grid, dkdv_grid = (b * h, layout.n_qblocks), (b * h, layout.n_kblocks)
+    launches = {
+        "delta": lambda: ta._bwd_delta_kernel[(b * h, triton.cdiv(n, 64))](
+            out, dout, delta, n, h, *ta._strides(out, dout), D=d, BLOCK=64
+        ),
+        "dq_launch": lambda: ta._launch(ta._bwd_dq_kernel, dq_grid, *dq_args, **blocks),
+        "dkdv_launch": lambda: ta._launch(
+            ta._bwd_dkdv_kernel, dkdv_grid, *dkdv_args, **blocks, TRANS=trans
+        ),
+        "dq_raw": lambda: ta._bwd_dq_kernel[dq_grid](*dq_args, **blocks),
+        "dkdv_raw": lambda: ta._bwd_dkdv_kernel[dkdv_grid](*dkdv_args, **blocks, TRANS=trans),
+    }
+    return {name: per_call_us(fn, calls) for name, fn in launches.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="cifar10", help="a shape of benchmarks/attention.py")
+    p.add_argument("--calls", type=int, default=100)
+    p.add_argument("--json", default="", help="write the rows as JSON here")
+    p.add_argument("--cpu-smoke", action="store_true", help="the plumbing, Triton interpreted")
+    args = p.parse_args(argv)
+    if args.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        print("attention_host: --cpu-smoke needs TRITON_INTERPRET=1 set", file=sys.stderr)
+        return 2
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("attention_host: needs a CUDA GPU (or --cpu-smoke)", file=sys.stderr)
+        return 2
+    rows = measure(args.config, 1 if args.cpu_smoke else args.calls, args.cpu_smoke)
+    device = torch.cuda.get_device_name(0) if not args.cpu_smoke else "cpu (smoke run)"
+    result = {"device": device, "torch": torch.__version__, "config": args.config, "us": rows}
+    print(json.dumps(result, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

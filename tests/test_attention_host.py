@@ -1,0 +1,42 @@
+"""The host-time breakdown of the attention op (``benchmarks/attention_host.py``) runs
+every one of its rows: on the CPU, the Triton kernels interpreted at a tiny shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def test_attention_host_smoke_measures_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "host.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "sparse_transformer.benchmarks.attention_host", "--cpu-smoke"]
+    proc = subprocess.run(
+        [*cmd, "--config", "cifar10", "--json", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    us = json.loads(out.read_text())["us"]
+    assert set(us["launches"]) == {"delta", "dq_launch", "dkdv_launch", "dq_raw", "dkdv_raw"}
+    rows = ["fwd_impl", "bwd_impl", "fwd_bwd_autograd", "fwd_bwd_autograd_one_thread"]
+    rows += ["bwd_impl_other_thread", "trivial_autograd"]
+    for name in rows:
+        assert us[name] > 0, name
+    assert all(t > 0 for t in us["launches"].values())
+
+
+def test_attention_host_smoke_needs_the_interpreter() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "sparse_transformer.benchmarks.attention_host", "--cpu-smoke"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "TRITON_INTERPRET=1" in proc.stderr
