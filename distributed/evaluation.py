@@ -8,7 +8,7 @@ sums across ranks when there are several.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -22,7 +22,6 @@ def next_token_targets(batch: torch.Tensor) -> torch.Tensor:
     return torch.cat([batch[:, 1:], pad], dim=1)
 
 
-@torch.no_grad()
 def loss_sums(
     forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     batches: Iterable[torch.Tensor],
@@ -33,14 +32,52 @@ def loss_sums(
     ``forward(idx, targets)`` returns ``(logits, mean loss in nats)``: the model or a
     DeepSpeed engine wrapping it.
     """
+    return scored_loss_sums(forward, ((b, next_token_targets(b)) for b in batches), device)
+
+
+@torch.no_grad()
+def scored_loss_sums(
+    forward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> torch.Tensor:
+    """:func:`loss_sums` of ``(batch, targets)`` pairs: only targets >= 0 are scored."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in batches:
-        batch = batch.to(device)
-        targets = next_token_targets(batch)
+    for batch, targets in pairs:
+        batch, targets = batch.to(device), targets.to(device)
         _, loss = forward(batch, targets)
         n = (targets >= 0).sum().double()
         total += torch.stack([loss.double() * n, n])
     return total
+
+
+def context_windows(
+    stream: torch.Tensor, n_ctx: int, min_context: int, first: int, last: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Table 3's protocol: ``(windows, targets)`` batches that score every token
+    ``stream[t]``, ``first <= t < last``, once, each after at least ``min_context`` tokens.
+
+    Windows of ``n_ctx`` tokens advance by ``n_ctx - min_context``; in each, position ``j``
+    predicts token ``j + 1`` from ``j + 1`` tokens of context and only the last
+    ``n_ctx - min_context`` predictions count (contexts ``min_context .. n_ctx - 1``).
+    Needs ``min_context <= first`` and ``last <= len(stream) - n_ctx + 1``.
+    """
+    if not 0 < min_context < n_ctx:
+        raise ValueError(f"min_context must be in [1, {n_ctx - 1}], got {min_context}")
+    if first < min_context or last > len(stream) - n_ctx + 1:
+        raise ValueError(f"targets [{first}, {last}) do not fit {len(stream)} tokens")
+    step = n_ctx - min_context
+    starts = list(range(first - min_context, last - min_context, step))
+    for i in range(0, len(starts), batch_size):
+        windows, targets = [], []
+        for s in starts[i : i + batch_size]:
+            window = stream[s : s + n_ctx]
+            target = torch.full_like(window, -1)
+            lo, hi = min_context - 1, min(n_ctx - 1, last - s - 1)  # positions that count
+            target[lo:hi] = window[lo + 1 : hi + 1]
+            windows.append(window)
+            targets.append(target)
+        yield torch.stack(windows), torch.stack(targets)
 
 
 def bits_per_token(sums: torch.Tensor | list[float]) -> float:
@@ -104,8 +141,10 @@ def complete(
 __all__ = [
     "bits_per_token",
     "complete",
+    "context_windows",
     "loss_sums",
     "next_token_targets",
+    "scored_loss_sums",
     "sample_bytes",
     "sample_text",
 ]
