@@ -206,14 +206,16 @@ def decoder_for(
     model: SparseTransformer, batch: int, *, mode: str, temperature: float, top_p: float
 ) -> StaticDecoder:
     """The model's decoder for this batch size, mode and sampling setting, made once and
-    kept (the last few per model) while its parameters stay where they are."""
+    kept (the _KEEP most recently used per model) while its parameters stay where they are."""
     params = tuple(p.data_ptr() for p in model.parameters())
     weight = model.tok_emb.weight
     key = (batch, mode, temperature, top_p, weight.dtype, weight.device, params)
     kept = _DECODERS.setdefault(model, {})
-    if key not in kept:
+    if key in kept:
+        kept[key] = kept.pop(key)  # the most recently used last: evicted last
+    else:
         while len(kept) >= _KEEP:
-            kept.pop(next(iter(kept)))
+            kept.pop(next(iter(kept)))  # the least recently used
         kept[key] = StaticDecoder(model, batch, mode=mode, temperature=temperature, top_p=top_p)
     return kept[key]
 

@@ -114,6 +114,18 @@ def test_a_reused_decoder_forgets_the_previous_sequences():
     assert torch.equal(fast, generate(model, second, 20, **{**options, "fast": False}))
 
 
+def test_the_decoders_kept_are_the_most_recently_used():
+    model = build(small_config(), dtype=torch.float32)
+    options = dict(mode="static", temperature=1.0, top_p=1.0)
+    first, second = decoder_for(model, 1, **options), decoder_for(model, 2, **options)
+    for batch in (3, 4):  # four kept: none evicted yet
+        decoder_for(model, batch, **options)
+    assert decoder_for(model, 1, **options) is first  # used again: now the newest
+    decoder_for(model, 5, **options)  # evicts the least recently used: batch 2's
+    assert decoder_for(model, 1, **options) is first
+    assert decoder_for(model, 2, **options) is not second
+
+
 @pytest.mark.parametrize(
     "kind,mode,fast,graphs",
     [
