@@ -107,16 +107,17 @@ def launch_costs(layout, q, k, v, out, lse, dout, scale, calls: int) -> dict[str
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
     delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
     blocks = ta._constexprs(d, layout)
-    trans = ta.transposed_dkdv(d, layout.block_k)
+    dkdv_options = {"TRANS": ta.transposed_dkdv(d, layout.block_k), "FUSED": False}
     dq_args = (
         q, k, v, dout, dq, lse, delta, layout.head_group, plan.table, plan.q_order,
         layout.q2k_indptr, layout.q2k_index, layout.q2k_full, scale, scale, n, h,
         layout.n_qblocks, *ta._strides(q, k, v, dout, dq),
     )  # fmt: skip
+    # dK stands in for the fused backward's dQ, which FUSED=False leaves unused
     dkdv_args = (
-        q, k, v, dout, dk, dv, lse, delta, layout.head_group, plan.table, plan.k_order,
+        q, k, v, dout, dk, dv, dk, lse, delta, layout.head_group, plan.table, plan.k_order,
         layout.k2q_indptr, layout.k2q_index, layout.k2q_full, scale, scale, n, h,
-        layout.n_kblocks, *ta._strides(q, k, v, dout, dk, dv),
+        layout.n_kblocks, *ta._strides(q, k, v, dout, dk, dv, dk),
     )  # fmt: skip
     dq_grid, dkdv_grid = (b * h, layout.n_qblocks), (b * h, layout.n_kblocks)
     launches = {
@@ -125,10 +126,10 @@ def launch_costs(layout, q, k, v, out, lse, dout, scale, calls: int) -> dict[str
         ),
         "dq_launch": lambda: ta._launch(ta._bwd_dq_kernel, dq_grid, *dq_args, **blocks),
         "dkdv_launch": lambda: ta._launch(
-            ta._bwd_dkdv_kernel, dkdv_grid, *dkdv_args, **blocks, TRANS=trans
+            ta._bwd_dkdv_kernel, dkdv_grid, *dkdv_args, **blocks, **dkdv_options
         ),
         "dq_raw": lambda: ta._bwd_dq_kernel[dq_grid](*dq_args, **blocks),
-        "dkdv_raw": lambda: ta._bwd_dkdv_kernel[dkdv_grid](*dkdv_args, **blocks, TRANS=trans),
+        "dkdv_raw": lambda: ta._bwd_dkdv_kernel[dkdv_grid](*dkdv_args, **blocks, **dkdv_options),
     }
     return {name: per_call_us(fn, calls) for name, fn in launches.items()}
 

@@ -9,8 +9,9 @@ run, all through Ray Train + DeepSpeed in fp16 with dynamic loss scaling and blo
 recomputation, on the repository's own text. Sections (``--only`` picks some):
 
 - ``kernels``: the Triton kernels against the fp32 reference by flash-attention's
-  rule (``ops.kernel_check``), n = 12,288 and 65,536, fp16 and bf16; in this process,
-  beside the training runs.
+  rule (``ops.kernel_check``), n = 12,288 and 65,536, fp16 and bf16, and the fused
+  backward (dQ by atomics) at the fixed and the music layer; in this process, beside
+  the training runs.
 - ``enwik8``: ZeRO stage 1, alone on the GPU. The loss falls with no skipped step after
   the first few; a gradient overflow injected at one step halves the loss scale and is
   skipped and counted; the worker is killed mid-run and Ray restarts the group, which
@@ -360,8 +361,6 @@ def check_eval_and_sample(report: Report, label: str, run: Run, env: Env) -> Non
 def section_kernels(report: Report, env: Env) -> None:
     import torch
 
-    from sparse_transformer.ops.kernel_check import check_kernel
-
     if env.gpu:  # enwik8's layer, a permuted (strided A2) layer, music-65k's layer
         grid = [
             ("fixed", "merged", 0, 12288, 64),
@@ -372,17 +371,32 @@ def section_kernels(report: Report, env: Env) -> None:
     else:  # the harness itself, with the PyTorch backend standing in
         grid = [("fixed", "merged", 0, 1000, 32), ("strided", "interleaved", 1, 1000, 32)]
         backend = "torch"
-    for kind, mode, layer, n, d in grid:
-        for dtype in (torch.float16, torch.bfloat16):
-            start = time.monotonic()
-            with report.guard(f"kernels: {kind}/{mode}/layer {layer} n={n} d={d} {dtype}"):
-                result = check_kernel(
-                    kind, mode, layer, n, d, dtype, backend=backend, device=env.device
-                )
-                took = time.monotonic() - start
-                report.check("kernels", result.ok, f"{result.describe()}, {took:.1f} s")
+    dtypes = (torch.float16, torch.bfloat16)
+    cases = [(case, dtype, "two-pass") for case in grid for dtype in dtypes]
+    if env.gpu:  # the fused backward (dQ by atomics) on the fixed and the music layer
+        cases += [(grid[0], torch.float16, "fused"), (grid[2], torch.float16, "fused")]
+    for (kind, mode, layer, n, d), dtype, backward in cases:
+        start = time.monotonic()
+        with report.guard(f"kernels: {kind}/{mode}/layer {layer} n={n} d={d} {dtype}"):
+            case = (kind, mode, layer, n, d, dtype)
+            result = _check_backward(backward, *case, backend=backend, env=env)
+            took = time.monotonic() - start
+            which = f", {backward} backward" if backend == "triton" else ""
+            detail = f"{result.describe()}{which}, {took:.1f} s"
+            report.check("kernels", result.ok, detail)
     if env.gpu:
         torch.cuda.empty_cache()  # the training runs' workers share this GPU
+
+
+def _check_backward(backward: str, *case, backend: str, env: Env):
+    from sparse_transformer.ops import triton_attention
+    from sparse_transformer.ops.kernel_check import check_kernel
+
+    triton_attention.BACKWARD = backward
+    try:
+        return check_kernel(*case, backend=backend, device=env.device)
+    finally:
+        triton_attention.BACKWARD = "two-pass"
 
 
 def section_sampling(report: Report, env: Env) -> None:

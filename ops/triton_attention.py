@@ -191,6 +191,13 @@ def _store_tile(base, orig, valid, stride, offs_d, x):
 
 
 @triton.jit
+def _add_tile(base, orig, valid, stride, offs_d, x):
+    """Add ``x`` (fp32) into rows ``orig`` of the (n, D) fp32 matrix at ``base``."""
+    ptrs = base + orig[:, None] * stride + offs_d[None, :]
+    tl.atomic_add(ptrs, x, mask=valid[:, None], sem="relaxed")
+
+
+@triton.jit
 def _load_row_stats(LSE, DELTA, row_base, orig, valid):
     """The forward's log-sum-exp of rows ``orig`` (+inf where a row read nothing, so
     its probabilities come out 0) and delta = rowsum(dO * O)."""
@@ -341,18 +348,20 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA,
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
     head_group, group_table, order,
     indptr, index, full,
     sm_scale, sm_scale_log2, n, H, NKB,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
-    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, sdqb, sdqh, sdqn,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, PERMUTED: tl.constexpr,
-    TRANS: tl.constexpr,
+    TRANS: tl.constexpr, FUSED: tl.constexpr,
 ):  # fmt: skip
     """dK and dV of one key block. With TRANS the accumulators are dK^T and dV^T (D rows
     instead of BLOCK_K): the matmuls then have D rows, which Hopper's tensor cores need
-    (64 at least) when key blocks are narrower than the head."""
+    (64 at least) when key blocks are narrower than the head. With FUSED it also adds
+    each query block's share of dQ into the fp32 ``DQ`` (atomics: the order of the
+    additions, and so the last bits, vary from run to run); without, ``DQ`` is unused."""
     b, h, g, kb, group_row, perm_l, rows = _program(H, head_group, group_table, order, NKB)
     p_k, o_k, v_k = _block_rows(kb, BLOCK_K, perm_l, rows, n, PERMUTED)
     offs_d = tl.arange(0, D)
@@ -383,6 +392,9 @@ def _bwd_dkdv_kernel(
             dv += tl.dot(tl.trans(do), p.to(do.dtype))
             ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
             dk += tl.dot(tl.trans(q), ds.to(q.dtype))
+            if FUSED:
+                dq = tl.dot(ds.to(k.dtype), k) * sm_scale
+                _add_tile(DQ + b * sdqb + h * sdqh, o_q, v_q, sdqn, offs_d, dq)
         else:  # P^T and dS^T as (BLOCK_K, BLOCK_Q)
             pt = tl.math.exp2(tl.dot(k, tl.trans(q)) * sm_scale_log2 - lse[None, :])
             if is_full == 0:
@@ -390,6 +402,9 @@ def _bwd_dkdv_kernel(
             dv += tl.dot(pt.to(do.dtype), do)
             dst = pt * (tl.dot(v, tl.trans(do)) - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q)
+            if FUSED:
+                dq = tl.dot(tl.trans(dst).to(k.dtype), k) * sm_scale
+                _add_tile(DQ + b * sdqb + h * sdqh, o_q, v_q, sdqn, offs_d, dq)
 
     if TRANS:
         dk = tl.trans(dk)
@@ -465,7 +480,7 @@ block per tile (two packed into one tile never won), so only the pipeline depth 
 tuned (``benchmarks/results/attention_h200.json``, ``autotuned``)."""
 
 
-def _tuned(kernel):
+def _tuned(kernel, extra_key: tuple[str, ...] = (), reset_to_zero: tuple[str, ...] = ()):
     """Autotuned launcher on a GPU; the plain kernel (Triton's default warps and
     stages) under TRITON_INTERPRET=1 or with SPARSE_TRANSFORMER_AUTOTUNE=0, which
     the correctness tests set to keep compile time down."""
@@ -473,10 +488,19 @@ def _tuned(kernel):
         return kernel
     if os.environ.get("SPARSE_TRANSFORMER_AUTOTUNE", "1") == "0":
         return kernel
-    return triton.autotune(configs=_TUNE_CONFIGS, key=_TUNE_KEY)(kernel)
+    return triton.autotune(
+        configs=_TUNE_CONFIGS,
+        key=_TUNE_KEY + list(extra_key),
+        reset_to_zero=list(reset_to_zero) or None,
+    )(kernel)
 
 
-_TUNED = {k: _tuned(k) for k in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel)}
+# dK/dV's timing runs add into DQ with FUSED: it is zeroed before each (and after the last)
+_TUNED = {
+    _fwd_kernel: _tuned(_fwd_kernel),
+    _bwd_dq_kernel: _tuned(_bwd_dq_kernel),
+    _bwd_dkdv_kernel: _tuned(_bwd_dkdv_kernel, extra_key=("FUSED",), reset_to_zero=("DQ",)),
+}
 
 
 def _launch(kernel, grid, *args, **constexprs) -> None:
@@ -557,6 +581,12 @@ def _fwd_impl(q, k, v, layout: BlockLayout, scale: float):
 _DELTA_ROWS = 64
 
 
+BACKWARD = "two-pass"
+"""``two-pass``: dQ in its own kernel (a second recompute of P; deterministic).
+``fused``: dQ added by the dK/dV kernel with atomics (one recompute; the last bits vary
+from run to run). ``torch.use_deterministic_algorithms`` always gets ``two-pass``."""
+
+
 def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
     b, h, n, d = q.shape
     plan = _launch_plan(layout)
@@ -565,26 +595,37 @@ def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
     _bwd_delta_kernel[(b * h, triton.cdiv(n, _DELTA_ROWS))](
         out, dout, delta, n, h, *_strides(out, dout), D=d, BLOCK=_DELTA_ROWS
     )
-    dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)
-    blocks = _constexprs(d, layout)
-    trans = transposed_dkdv(d, layout.block_k)
+    dk, dv = _new_like(k), _new_like(v)
+    fused = BACKWARD == "fused" and not torch.are_deterministic_algorithms_enabled()
+    if fused:
+        dq = torch.zeros_like(q, dtype=torch.float32)  # q's strides, as the fake op's
+    else:
+        dq = _new_like(q)
+        _dq_pass(q, k, v, dout, dq, lse, delta, layout, plan, scale)
+    # without FUSED the kernel never reads DQ, but the autotuner zeroes it: give it dK,
+    # which the kernel writes afterwards
+    acc = dq if fused else dk
+    _launch(
+        _bwd_dkdv_kernel, (b * h, layout.n_kblocks),
+        q, k, v, dout, dk, dv, acc, lse, delta,
+        layout.head_group, plan.table, plan.k_order,
+        layout.k2q_indptr, layout.k2q_index, layout.k2q_full,
+        scale, scale * LOG2E, n, h, layout.n_kblocks, *_strides(q, k, v, dout, dk, dv, acc),
+        **_constexprs(d, layout), TRANS=transposed_dkdv(d, layout.block_k), FUSED=fused,
+    )  # fmt: skip
+    return (dq.to(q.dtype) if fused else dq), dk, dv
+
+
+def _dq_pass(q, k, v, dout, dq, lse, delta, layout: BlockLayout, plan: _LaunchPlan, scale):
+    b, h, n, d = q.shape
     _launch(
         _bwd_dq_kernel, (b * h, layout.n_qblocks),
         q, k, v, dout, dq, lse, delta,
         layout.head_group, plan.table, plan.q_order,
         layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
         scale, scale * LOG2E, n, h, layout.n_qblocks, *_strides(q, k, v, dout, dq),
-        **blocks,
+        **_constexprs(d, layout),
     )  # fmt: skip
-    _launch(
-        _bwd_dkdv_kernel, (b * h, layout.n_kblocks),
-        q, k, v, dout, dk, dv, lse, delta,
-        layout.head_group, plan.table, plan.k_order,
-        layout.k2q_indptr, layout.k2q_index, layout.k2q_full,
-        scale, scale * LOG2E, n, h, layout.n_kblocks, *_strides(q, k, v, dout, dk, dv),
-        **blocks, TRANS=trans,
-    )  # fmt: skip
-    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------
@@ -702,6 +743,7 @@ def triton_sparse_attention(
 
 
 __all__ = [
+    "BACKWARD",
     "MAX_BLOCKS",
     "NO_PART",
     "SUPPORTED_HEAD_DIMS",

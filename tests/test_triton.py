@@ -33,8 +33,10 @@ def test_triton_kernels_match_reference_in_interpreter() -> None:
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert rows[-1] == {"compile": "ok"}
     rows = rows[:-1]
-    assert len(rows) == 7
-    assert {row["transposed"] for row in rows} == {True, False}  # both dK/dV paths
+    assert len(rows) == 14  # 7 patterns x the two-pass and the fused backward
+    assert {(row["backward"], row["transposed"]) for row in rows} == {
+        (backward, transposed) for backward in ("two-pass", "fused") for transposed in (0, 1)
+    }  # every dK/dV path
     for row in rows:
         # fp32 kernels vs the fp64 reference: out, dq, dk, dv
         assert max(row["errors"]) < 1e-4, (seed, row)

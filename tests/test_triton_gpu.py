@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from sparse_transformer.ops import compile_layout, pattern_for_layer, sparse_attention  # noqa: E402
+from sparse_transformer.ops import triton_attention as ta  # noqa: E402
 from sparse_transformer.ops.kernel_check import check_kernel  # noqa: E402
 
 MODES = [
@@ -45,6 +46,15 @@ def _check(kind, mode, layer, n, d, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_matches_reference(kind, mode, layer, n, d, dtype):
     _check(kind, mode, layer, n, d, dtype)
+
+
+@pytest.mark.parametrize("kind,mode,layer", MODES)
+@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_backward_matches_reference(kind, mode, layer, d, dtype, monkeypatch):
+    """dQ added by the dK/dV kernel with atomics (``BACKWARD = "fused"``)."""
+    monkeypatch.setattr(ta, "BACKWARD", "fused")
+    _check(kind, mode, layer, 4096, d, dtype)
 
 
 @pytest.mark.parametrize("kind,mode,layer", MODES)

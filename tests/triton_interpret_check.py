@@ -38,14 +38,18 @@ def main() -> None:
     ta.POISON_OUTPUTS = True  # NaN-filled outputs: every element must be written
     seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     gen = torch.Generator().manual_seed(seed)
-    for i, pattern in enumerate(cases()):
-        # d 32 with 16-wide key blocks takes the transposed dK/dV path, the rest the plain
-        n, d = (37, 100)[i % 2], (16, 32)[i % 2]
-        bq, bk = ((16, 16), (32, 16), (16, 32))[i % 3]
-        layout = compile_layout(pattern, n, 4, bq, bk)
-        errs = errors(layout, n, d, gen)
-        row = {"pattern": pattern.describe(), "n": n, "d": d, "block_k": bk}
-        print(json.dumps({**row, "transposed": ta.transposed_dkdv(d, bk), "errors": errs}))
+    for backward in ("two-pass", "fused"):
+        ta.BACKWARD = backward
+        for i, pattern in enumerate(cases()):
+            # d 32 with 16-wide key blocks takes the transposed dK/dV path, the rest the plain
+            n, d = (37, 100)[i % 2], (16, 32)[i % 2]
+            bq, bk = ((16, 16), (32, 16), (16, 32))[i % 3]
+            layout = compile_layout(pattern, n, 4, bq, bk)
+            errs = errors(layout, n, d, gen)
+            row = {"pattern": pattern.describe(), "n": n, "d": d, "block_k": bk}
+            row.update(backward=backward, transposed=ta.transposed_dkdv(d, bk))
+            print(json.dumps({**row, "errors": errs}))
+    ta.BACKWARD = "two-pass"
 
 
 def errors(layout, n: int, d: int, gen: torch.Generator) -> list[float]:
@@ -84,6 +88,11 @@ def check_compile() -> None:
     ta.triton_sparse_attention(qr, k, v, layout).sum().backward()
     torch.testing.assert_close(qg.grad, qr.grad)
     check_model_compile()
+    ta.BACKWARD = "fused"  # the fused backward's dQ must have the strides the fake op gives
+    try:
+        check_model_compile()
+    finally:
+        ta.BACKWARD = "two-pass"
     print(json.dumps({"compile": "ok"}), flush=True)
 
 
