@@ -127,15 +127,15 @@ def test_the_decoders_kept_are_the_most_recently_used():
 
 
 @pytest.mark.parametrize(
-    "kind,mode,fast,graphs",
+    "kind,mode,fast,layers,graphs",
     [
-        ("fixed", "merged", "compile", 1),  # enwik8's shape: the whole step, one graph
-        ("strided", "multihead", "compile", 1),  # cifar10's: a ring and a full store per layer
-        ("fixed", "interleaved", "compile-blocks", 2),  # one graph per block pattern
+        ("fixed", "merged", "compile", 2, 1),  # enwik8's shape: the whole step, one graph
+        ("strided", "multihead", "compile", 2, 1),  # cifar10's: a ring and a full store a layer
+        ("fixed", "interleaved", "compile-blocks", 4, 2),  # blocks of one pattern share one
     ],
 )
-def test_compiled_step_gives_the_eager_tokens_without_recompiling(kind, mode, fast, graphs):
-    cfg = small_config(kind, mode, n_layers=2)
+def test_compiled_step_gives_the_eager_tokens_without_recompiling(kind, mode, fast, layers, graphs):
+    cfg = small_config(kind, mode, n_layers=layers)
     model = build(cfg, dtype=torch.float32, seed=3, std=0.2)
     prompt = tokens(cfg, batch=2, n=5)
     options = dict(temperature=1.0, top_p=0.9)
