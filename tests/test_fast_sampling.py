@@ -20,6 +20,7 @@ from sparse_transformer.model.fast_decode import StaticDecoder, decoder_for, sta
 from sparse_transformer.model.static_cache import StaticKVCache, StaticLayerCache, cache_bytes
 from sparse_transformer.ops import Pattern
 from tests.test_model import IDS, PATTERN_MODES, build, small_config, tokens
+from tests.test_model_generate import PATTERN_OPTIONS
 from tests.test_sample_files import save_checkpoint, tiny_model
 
 
@@ -45,17 +46,7 @@ def test_static_cache_decodes_what_the_full_forward_computes(kind, mode):
             torch.testing.assert_close(_static_logits(model, idx, prefill), full)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        dict(pattern="fixed", distinct_summary=False),
-        dict(pattern="strided", permute=False, head_mode="merged"),
-        dict(pattern="fixed", summary=8, head_mode="multihead"),  # c = l
-        dict(pattern="strided", stride=5, embed_shape=(48,), head_mode="multihead"),
-        dict(pattern="strided", stride=5, embed_shape=(48,), head_mode="interleaved"),
-    ],
-    ids=["shared-summary", "unpermuted", "c-equals-l", "l-not-dividing-n", "l-not-dividing-n-a1"],
-)
+@pytest.mark.parametrize("overrides", PATTERN_OPTIONS.values(), ids=PATTERN_OPTIONS.keys())
 def test_static_cache_pattern_options(overrides):
     cfg = small_config(**overrides)
     model = build(cfg, dtype=torch.float64, seed=10).eval()

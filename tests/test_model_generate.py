@@ -37,16 +37,21 @@ def test_incremental_decoding_matches_full_forward(kind, mode):
             torch.testing.assert_close(inc, full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        dict(pattern="fixed", distinct_summary=False),
-        dict(pattern="strided", permute=False, head_mode="merged"),
-        dict(pattern="fixed", summary=8, head_mode="multihead"),  # c = l: every cell a summary
-        dict(pattern="strided", stride=5, embed_shape=(48,), head_mode="multihead"),
-    ],
-    ids=["shared-summary", "unpermuted", "c-equals-l", "stride-not-dividing-n"],
-)
+# pattern options beside PATTERN_MODES, for the caches (this one and the static one)
+PATTERN_OPTIONS = {
+    "shared-summary": dict(pattern="fixed", distinct_summary=False),
+    "unpermuted": dict(pattern="strided", permute=False, head_mode="merged"),
+    "c-equals-l": dict(pattern="fixed", summary=8, head_mode="multihead"),  # every cell a summary
+    "stride-not-dividing-n": dict(
+        pattern="strided", stride=5, embed_shape=(48,), head_mode="multihead"
+    ),
+    "stride-not-dividing-n-a1": dict(
+        pattern="strided", stride=5, embed_shape=(48,), head_mode="interleaved"
+    ),
+}
+
+
+@pytest.mark.parametrize("overrides", PATTERN_OPTIONS.values(), ids=PATTERN_OPTIONS.keys())
 def test_incremental_decoding_pattern_options(overrides):
     cfg = small_config(**overrides)
     model = build(cfg, dtype=torch.float32, seed=10).eval()
