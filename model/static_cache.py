@@ -133,13 +133,11 @@ class _Store:
         batch, n_heads, d_qk, d_v = shape
         dev = like.device
         self.pattern, self.n_ctx, self.capacity = pattern, n_ctx, spec.capacity
-        self.n_heads = n_heads
+        self.n_heads, self.heads = n_heads, spec.heads
         self.every_head = len(spec.heads) == n_heads
         self.index = torch.tensor(spec.heads, dtype=torch.long, device=dev)  # (Hs,)
         self.h = self.index[:, None]  # (Hs, 1): head numbers for the predicates
         self.local = torch.arange(len(spec.heads), device=dev)  # (Hs,)
-        comps = [pattern.head_component(h) for h in spec.heads]
-        self.uses_a1 = torch.tensor([c in ("a1", "union") for c in comps], device=dev)[:, None]
         self.slot_ids = torch.arange(spec.capacity, device=dev)  # (C,)
         self.k = like.new_zeros(batch, len(spec.heads), spec.capacity, d_qk)
         self.v = like.new_zeros(batch, len(spec.heads), spec.capacity, d_v)
@@ -236,6 +234,8 @@ class _SummaryStore(_Store):
     def setup(self) -> None:
         lo, _ = self.pattern.summary_window(self.h)
         self.lo = torch.as_tensor(lo, device=self.h.device).expand_as(self.h)  # (Hs, 1)
+        union = [self.pattern.head_component(h) == "union" for h in self.heads]
+        self.uses_a1 = torch.tensor(union, device=self.h.device)[:, None]  # (Hs, 1): A1 too
 
     def slot(self, p: torch.Tensor, last: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         l, c = self.pattern.stride, self.pattern.summary

@@ -36,6 +36,7 @@ from sparse_transformer.model.static_cache import StaticLayerCache
 from sparse_transformer.ops import BlockLayout, compile_layout, sparse_attention
 
 LN2 = math.log(2.0)
+LayerCache = LayerKVCache | StaticLayerCache  # a layer's decoding cache: eager or static
 
 
 def nats_to_bits(loss: torch.Tensor | float) -> torch.Tensor | float:
@@ -76,9 +77,7 @@ class SparseSelfAttention(nn.Module):
             self._bound = (n, device, layout)
         return self._bound[2]
 
-    def forward(
-        self, x: torch.Tensor, cache: LayerKVCache | StaticLayerCache | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         H, dq, dv = self.n_heads, self.d_head_qk, self.d_head
         q, k, v = self.qkv(x).split([H * dq, H * dq, C], dim=-1)  # (B, T, H*dq) x2, (B, T, C)
@@ -131,9 +130,7 @@ class Block(nn.Module):
         self.drop_b = nn.Dropout(cfg.dropout)
         self.recompute = cfg.recompute_for(layer)
 
-    def branch_a(
-        self, h: torch.Tensor, cache: LayerKVCache | StaticLayerCache | None = None
-    ) -> torch.Tensor:
+    def branch_a(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         """a(H) = dropout(attention(norm(H)))."""
         return self.drop_a(self.attn(self.ln_1(h), cache))
 
@@ -145,9 +142,7 @@ class Block(nn.Module):
         h_plus_a = h + self.branch_a(h)
         return h_plus_a + self.branch_b(h_plus_a)
 
-    def forward(
-        self, h: torch.Tensor, cache: LayerKVCache | StaticLayerCache | None = None
-    ) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         if cache is not None or self.recompute == "none" or not torch.is_grad_enabled():
             h_plus_a = h + self.branch_a(h, cache)
             return h_plus_a + self.branch_b(h_plus_a)
