@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from sparse_transformer.benchmarks import train_step
 from sparse_transformer.model import SparseTransformer, generate, load_model_config
 from sparse_transformer.model.fast_decode import decoder_for
 from sparse_transformer.model.static_cache import cache_bytes
@@ -62,13 +63,8 @@ def log(msg: str) -> None:
 
 
 def build(name: str, device: torch.device, dtype: torch.dtype) -> SparseTransformer:
-    """The named model with untrained weights, built on the meta device first."""
-    cfg = load_model_config(name).replace(dropout=0.0)
-    with torch.device("meta"):
-        model = SparseTransformer(cfg)
-    model.to_empty(device=device)
-    model.init_weights(0)
-    return model.to(dtype).eval()
+    """The named model with untrained weights (``init_weights(0)``), no dropout, eval mode."""
+    return train_step.build(name, "sparse", device, dtype, dropout=0.0).eval()
 
 
 def _sync(device: torch.device) -> None:
