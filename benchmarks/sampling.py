@@ -108,7 +108,7 @@ def measure(
 
 def sync_free(
     model: SparseTransformer, prompt: torch.Tensor, mode: str, steps: int = 4, **sampling: float
-) -> Any:
+) -> bool | str | None:
     """Do the fast path's steps run without a host synchronisation? (None off CUDA; the
     error's text when one does.) ``sampling``: temperature, top_p (default ``SAMPLING``)."""
     if prompt.device.type != "cuda":
