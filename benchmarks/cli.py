@@ -13,6 +13,7 @@ BENCHMARKS = {
     "train-step": "sparse_transformer.benchmarks.train_step",
     "sampling": "sparse_transformer.benchmarks.sampling",
     "reproduce": "sparse_transformer.benchmarks.reproduce",
+    "scaling": "sparse_transformer.benchmarks.scaling",
 }
 
 
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="run a benchmark (layouts, attention-cpu, attention, data, train-step, sampling, "
-        "reproduce)",
+        "reproduce, scaling)",
         description="Run one of the benchmarks in benchmarks/; arguments after the name go to it "
         "(try `sparse-transformer bench NAME --help`).",
     )

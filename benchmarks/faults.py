@@ -27,19 +27,22 @@ class KillAt(TrainHooks):
 
     ``target="worker"``: the worker process exits (Ray Train restarts the group).
     ``target="driver"``: the driver is SIGKILLed (the local Ray instance goes with it;
-    a relaunch resumes). The marker file makes a restarted group run on.
+    a relaunch resumes). The marker file makes a restarted group run on; a second
+    ``KillAt`` with another ``marker`` kills the same run once more (the scaling
+    benchmark's recovery: a restart, then a relaunch on fewer workers).
     """
 
     step: int
     rank: int = 1
     target: Literal["worker", "driver"] = "worker"
+    marker: str = MARKER
 
     def check(self, world_size: int) -> None:
         if not 0 <= self.rank < world_size:
             raise ValueError(f"KillAt.rank: {self.rank} is not a rank of {world_size} worker(s)")
 
     def before_step(self, run: RunInfo, step: int) -> None:
-        marker = run.local_dir / MARKER
+        marker = run.local_dir / self.marker
         if step != self.step or run.rank != self.rank or marker.exists():
             return
         marker.parent.mkdir(parents=True, exist_ok=True)

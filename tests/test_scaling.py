@@ -1,0 +1,58 @@
+"""benchmarks/scaling.py (issue 18): the GPU plan puts the headline runs first, and
+``--cpu-smoke`` runs the whole plan on 2 CPU workers through the real trainer: weak
+scaling at ZeRO 1 and 2, the loss-curve match against one worker at the same global
+batch, and a killed worker's restart plus a relaunch on one worker from the checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sparse_transformer.benchmarks import scaling
+
+
+def test_the_gpu_plan_measures_the_headline_first_and_each_run_once() -> None:
+    specs = scaling.plan(["enwik8"], [1, 2, 3], [1, 2, 4], recovery=True, memory_config="music-65k")
+    keys = [s.key for s in specs]
+    assert keys[:5] == [
+        "scaling/enwik8/z1/n1/b4",
+        "scaling/enwik8/z1/n2/b8",
+        "scaling/enwik8/z1/n4/b16",
+        "loss-n/enwik8/z1/n4/b16",  # enwik8 has dropout: the loss match runs without it
+        "loss-ref/enwik8/z1/n1/b16",
+    ]
+    assert len(keys) == len(set(keys)) == 5 + 6 + 1 + 3
+    assert keys[-4:] == ["recovery/enwik8/z1/n4/b16"] + [
+        f"scaling/music-65k/z{z}/n4/b4" for z in (1, 2, 3)
+    ]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_writes_scaling_loss_match_and_recovery(tmp_path: Path) -> None:
+    """The smoke run at ZeRO 1 only (docs/scaling.md's command adds ZeRO 2: two more
+    Ray Train runs of ~20 s each, which CI's budget does not have room for)."""
+    out = tmp_path / "scaling.json"
+    argv = ["--cpu-smoke", "--zero", "1", "--work", str(tmp_path), "--json", str(out)]
+    assert scaling.main(argv) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["kind"], r["workers"]): r for r in result["rows"]}
+    assert set(rows) == {("scaling", 1), ("scaling", 2), ("loss-ref", 1), ("recovery", 2)}
+    assert all(
+        r["command"].startswith("sparse-transformer train --config tiny ") for r in rows.values()
+    )
+    one, two = rows["scaling", 1], rows["scaling", 2]
+    assert (one["global_batch"], two["global_batch"]) == (2, 4)  # the same batch per worker
+    (eff,) = [e for e in result["efficiency"] if e["workers"] == 2]
+    expected = two["tokens_per_second"] / (2 * one["tokens_per_second"])
+    assert eff["efficiency"] == pytest.approx(expected, abs=1e-4) and eff["efficiency"] > 0
+    (match,) = result["loss_match"]
+    assert (match["zero"], match["workers"], match["global_batch"]) == (1, 2, 4)
+    assert match["steps_compared"] == [2, 4, 6]
+    assert match["max_abs_diff_bits"] < 1e-3  # fp32, the same batches: reduction order only
+    (rec,) = result["recovery"]
+    assert [(s["step"], s["world_size"]) for s in rec["starts"]] == [(0, 2), (2, 2), (4, 1)]
+    assert rec["resumed_from"] == [2, 4] and rec["universal"] and rec["final_step"] == 8
+    (memory,) = result["memory"]
+    assert (memory["zero"], memory["workers"]) == (1, 2) and memory["peak_memory_bytes"] > 0
