@@ -424,6 +424,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"resumed from {r['resumed_from']}; universal {r['universal']}; "
             f"final step {r['final_step']}" + (f"; error {r['error']}" if "error" in r else "")
         )
+    if memory := result["memory"]:
+        by_stage = ", ".join(
+            f"ZeRO {m['zero']} {m['peak_memory_bytes'] / 1e9:.2f} GB" for m in memory
+        )
+        lines.append(f"\npeak memory per GPU, {memory[0]['config']} on {memory[0]['workers']}: "
+                     f"{by_stage}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -528,6 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configs, zeros = args.configs.split(","), [int(z) for z in args.zero.split(",")]
     workers = sorted({int(n) for n in args.workers.split(",")})
+    if not args.cpu_smoke and workers[-1] > torch.cuda.device_count():
+        # Ray Train would wait for the missing GPUs without end
+        print(f"scaling: --workers {args.workers} needs {workers[-1]} GPUs, this machine "
+              f"has {torch.cuda.device_count()}", file=sys.stderr)  # fmt: skip
+        return 2
     batch = {**BATCH, **({c: args.batch for c in configs} if args.batch else {})}
     memory_config = args.memory_config if args.memory else None
     specs = plan(configs, zeros, workers, dropout=args.dropout, recovery=args.recovery,
