@@ -3,12 +3,20 @@ loopback Ray head the job tests share."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from tests.s3server import SeaweedS3
+
+# Ray Train's controller polls its workers every 2 s by default, and a run's end (or a
+# worker's death) is noticed only at the next poll: tests of tiny runs spent a tenth of
+# their time waiting on it (test_two_workers_train_resume_eval_sample: 54 -> 45 s).
+# Set before any Ray instance starts, so every controller (in-process or a head started
+# by a test) inherits it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 @pytest.fixture(scope="session")
