@@ -100,6 +100,14 @@ def _new_like(x: torch.Tensor) -> torch.Tensor:
     return torch.full_like(x, float("nan")) if POISON_OUTPUTS else torch.empty_like(x)
 
 
+def _new_row_stats(q: torch.Tensor) -> torch.Tensor:
+    """(B, H, n) fp32, contiguous: one number per row of q (the log-sum-exp)."""
+    shape, dev = q.shape[:3], q.device
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=torch.float32, device=dev)
+    return torch.empty(shape, dtype=torch.float32, device=dev)
+
+
 # ----------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------
@@ -566,7 +574,7 @@ def _fwd_impl(q, k, v, layout: BlockLayout, scale: float):
     b, h, n, d = q.shape
     plan = _launch_plan(layout)
     out = _new_like(q)
-    lse = _new_like(torch.empty((b, h, n), dtype=torch.float32, device=q.device))
+    lse = _new_row_stats(q)
     _launch(
         _fwd_kernel, (b * h, layout.n_qblocks),
         q, k, v, out, lse,
