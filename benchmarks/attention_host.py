@@ -97,39 +97,20 @@ def measure(config: str, calls: int, smoke: bool) -> dict[str, float]:
 
 
 def launch_costs(layout, q, k, v, out, lse, dout, scale, calls: int) -> dict[str, float]:
-    """Each backward launch alone: through ``_launch`` and straight into the kernel."""
-    import triton
-
+    """Each backward launch alone (the two-pass backward's): through ``_launch`` and
+    straight into the kernel."""
     from sparse_transformer.ops import triton_attention as ta
 
-    b, h, n, d = q.shape
-    plan = ta._launch_plan(layout)
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
-    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    blocks = ta._constexprs(d, layout)
-    dkdv_options = {"TRANS": ta.transposed_dkdv(d, layout.block_k), "FUSED": False}
-    dq_args = (
-        q, k, v, dout, dq, lse, delta, layout.head_group, plan.table, plan.q_order,
-        layout.q2k_indptr, layout.q2k_index, layout.q2k_full, scale, scale, n, h,
-        layout.n_qblocks, *ta._strides(q, k, v, dout, dq),
-    )  # fmt: skip
-    # dK stands in for the fused backward's dQ, which FUSED=False leaves unused
-    dkdv_args = (
-        q, k, v, dout, dk, dv, dk, lse, delta, layout.head_group, plan.table, plan.k_order,
-        layout.k2q_indptr, layout.k2q_index, layout.k2q_full, scale, scale, n, h,
-        layout.n_kblocks, *ta._strides(q, k, v, dout, dk, dv, dk),
-    )  # fmt: skip
-    dq_grid, dkdv_grid = (b * h, layout.n_qblocks), (b * h, layout.n_kblocks)
+    delta = ta._new_row_stats(q)
+    dq_call = ta._dq_call(q, k, v, dout, dq, lse, delta, layout, scale)
+    dkdv_call = ta._dkdv_call(q, k, v, dout, dk, dv, dk, lse, delta, layout, scale, False)
     launches = {
-        "delta": lambda: ta._bwd_delta_kernel[(b * h, triton.cdiv(n, 64))](
-            out, dout, delta, n, h, *ta._strides(out, dout), D=d, BLOCK=64
-        ),
-        "dq_launch": lambda: ta._launch(ta._bwd_dq_kernel, dq_grid, *dq_args, **blocks),
-        "dkdv_launch": lambda: ta._launch(
-            ta._bwd_dkdv_kernel, dkdv_grid, *dkdv_args, **blocks, **dkdv_options
-        ),
-        "dq_raw": lambda: ta._bwd_dq_kernel[dq_grid](*dq_args, **blocks),
-        "dkdv_raw": lambda: ta._bwd_dkdv_kernel[dkdv_grid](*dkdv_args, **blocks, **dkdv_options),
+        "delta": lambda: ta._delta_call(out, dout, delta).run(),
+        "dq_launch": lambda: dq_call.run(),
+        "dkdv_launch": lambda: dkdv_call.run(),
+        "dq_raw": lambda: dq_call.run(tuned=False),
+        "dkdv_raw": lambda: dkdv_call.run(tuned=False),
     }
     return {name: per_call_us(fn, calls) for name, fn in launches.items()}
 

@@ -595,45 +595,73 @@ BACKWARD = "two-pass"
 from run to run). ``torch.use_deterministic_algorithms`` always gets ``two-pass``."""
 
 
-def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
+class _Call(NamedTuple):
+    """One kernel launch: what ``_bwd_impl`` runs and ``benchmarks/attention_host`` times."""
+
+    kernel: triton.JITFunction
+    grid: tuple[int, int]
+    args: tuple
+    constexprs: dict[str, int | bool]
+
+    def run(self, tuned: bool = True) -> None:
+        """Launch it: through ``_launch`` (autotuned) or straight into the kernel."""
+        if tuned and self.kernel in _TUNED:
+            _launch(self.kernel, self.grid, *self.args, **self.constexprs)
+        else:
+            self.kernel[self.grid](*self.args, **self.constexprs)
+
+
+def _delta_call(out, dout, delta) -> _Call:
+    b, h, n, d = out.shape
+    grid = (b * h, triton.cdiv(n, _DELTA_ROWS))
+    args = (out, dout, delta, n, h, *_strides(out, dout))
+    return _Call(_bwd_delta_kernel, grid, args, {"D": d, "BLOCK": _DELTA_ROWS})
+
+
+def _dq_call(q, k, v, dout, dq, lse, delta, layout: BlockLayout, scale: float) -> _Call:
     b, h, n, d = q.shape
     plan = _launch_plan(layout)
+    args = (
+        q, k, v, dout, dq, lse, delta,
+        layout.head_group, plan.table, plan.q_order,
+        layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
+        scale, scale * LOG2E, n, h, layout.n_qblocks, *_strides(q, k, v, dout, dq),
+    )  # fmt: skip
+    return _Call(_bwd_dq_kernel, (b * h, layout.n_qblocks), args, _constexprs(d, layout))
+
+
+def _dkdv_call(
+    q, k, v, dout, dk, dv, acc, lse, delta, layout: BlockLayout, scale: float, fused: bool
+) -> _Call:
+    """dK/dV's launch; ``acc`` is the fused backward's fp32 dQ (``fused``), else unused."""
+    b, h, n, d = q.shape
+    plan = _launch_plan(layout)
+    args = (
+        q, k, v, dout, dk, dv, acc, lse, delta,
+        layout.head_group, plan.table, plan.k_order,
+        layout.k2q_indptr, layout.k2q_index, layout.k2q_full,
+        scale, scale * LOG2E, n, h, layout.n_kblocks, *_strides(q, k, v, dout, dk, dv, acc),
+    )  # fmt: skip
+    constexprs = {**_constexprs(d, layout), "TRANS": transposed_dkdv(d, layout.block_k)}
+    return _Call(_bwd_dkdv_kernel, (b * h, layout.n_kblocks), args, {**constexprs, "FUSED": fused})
+
+
+def _bwd_impl(q, k, v, out, lse, dout, layout: BlockLayout, scale: float):
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    delta = torch.empty((b, h, n), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(b * h, triton.cdiv(n, _DELTA_ROWS))](
-        out, dout, delta, n, h, *_strides(out, dout), D=d, BLOCK=_DELTA_ROWS
-    )
+    delta = _new_row_stats(q)
+    _delta_call(out, dout, delta).run()
     dk, dv = _new_like(k), _new_like(v)
     fused = BACKWARD == "fused" and not torch.are_deterministic_algorithms_enabled()
     if fused:
         dq = torch.zeros_like(q, dtype=torch.float32)  # q's strides, as the fake op's
     else:
         dq = _new_like(q)
-        _dq_pass(q, k, v, dout, dq, lse, delta, layout, plan, scale)
+        _dq_call(q, k, v, dout, dq, lse, delta, layout, scale).run()
     # without FUSED the kernel never reads DQ, but the autotuner zeroes it: give it dK,
     # which the kernel writes afterwards
     acc = dq if fused else dk
-    _launch(
-        _bwd_dkdv_kernel, (b * h, layout.n_kblocks),
-        q, k, v, dout, dk, dv, acc, lse, delta,
-        layout.head_group, plan.table, plan.k_order,
-        layout.k2q_indptr, layout.k2q_index, layout.k2q_full,
-        scale, scale * LOG2E, n, h, layout.n_kblocks, *_strides(q, k, v, dout, dk, dv, acc),
-        **_constexprs(d, layout), TRANS=transposed_dkdv(d, layout.block_k), FUSED=fused,
-    )  # fmt: skip
+    _dkdv_call(q, k, v, dout, dk, dv, acc, lse, delta, layout, scale, fused).run()
     return (dq.to(q.dtype) if fused else dq), dk, dv
-
-
-def _dq_pass(q, k, v, dout, dq, lse, delta, layout: BlockLayout, plan: _LaunchPlan, scale):
-    b, h, n, d = q.shape
-    _launch(
-        _bwd_dq_kernel, (b * h, layout.n_qblocks),
-        q, k, v, dout, dq, lse, delta,
-        layout.head_group, plan.table, plan.q_order,
-        layout.q2k_indptr, layout.q2k_index, layout.q2k_full,
-        scale, scale * LOG2E, n, h, layout.n_qblocks, *_strides(q, k, v, dout, dq),
-        **_constexprs(d, layout),
-    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------
