@@ -11,7 +11,13 @@ around each batch of calls), for one shape of ``benchmarks/attention.py``:
 - the op's forward+backward through ``torch.autograd.grad``: as it runs by default
   (the backward on autograd's device thread), with autograd's threads off (the
   backward on the calling thread), and the direct backward on another Python thread;
-- a trivial ``autograd.grad`` (``q * 2``): the engine's own cost on this host.
+- a trivial ``autograd.grad`` (``q * 2``): the engine's own cost on this host, on
+  autograd's device thread and on the calling thread;
+- ``phases``: one autograd forward+backward cut at the kernels' Python entry points
+  (median microseconds from the call to ``_fwd_impl``, inside it, back to the caller,
+  from ``autograd.grad`` to ``_bwd_impl``, inside it, and back to the caller);
+- ``profile_one_thread``: cProfile's costliest functions of the forward+backward with
+  the backward on the calling thread (so the profiler sees it).
 
 Comparing the rows tells the launch cost, the autotuner's, the autograd engine's and a
 thread hand-off's apart. ``--cpu-smoke`` runs every row on the CPU under Triton's
@@ -21,8 +27,13 @@ interpreter at a tiny shape (the plumbing only: its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import io
 import json
 import os
+import pstats
+import statistics
 import sys
 import threading
 import time
@@ -93,7 +104,86 @@ def measure(config: str, calls: int, smoke: bool) -> dict[str, float]:
     rows["bwd_impl_other_thread"] = _on_thread(lambda: per_call_us(backward, calls))
     x = q.clone().requires_grad_()
     rows["trivial_autograd"] = per_call_us(lambda: torch.autograd.grad(x * 2, (x,), q), calls)
+    with torch.autograd.set_multithreading_enabled(False):
+        trivial = per_call_us(lambda: torch.autograd.grad(x * 2, (x,), q), calls)
+    rows["trivial_autograd_one_thread"] = trivial
+    rows["phases"] = phases(lambda: sparse_attention(qg, kg, vg, layout, backend="triton"),
+                            (qg, kg, vg), dout, calls)  # fmt: skip
+    with torch.autograd.set_multithreading_enabled(False):
+        rows["profile_one_thread"] = top_functions(fwd_bwd, calls)
     return rows
+
+
+@contextlib.contextmanager
+def _stamped(stamps: dict[str, int]):
+    """Record when the autograd.Function's forward and backward enter and leave the
+    kernels' Python entry points (``_fwd_impl``, ``_bwd_impl``)."""
+    from sparse_transformer.ops import triton_attention as ta
+
+    fwd, bwd = ta._fwd_impl, ta._bwd_impl
+
+    def stamp(name: str, fn):
+        def wrapped(*args):
+            stamps[name + "_in"] = time.perf_counter_ns()
+            result = fn(*args)
+            stamps[name + "_out"] = time.perf_counter_ns()
+            return result
+
+        return wrapped
+
+    ta._fwd_impl, ta._bwd_impl = stamp("fwd", fwd), stamp("bwd", bwd)
+    try:
+        yield
+    finally:
+        ta._fwd_impl, ta._bwd_impl = fwd, bwd
+
+
+PHASES = {
+    "to_fwd_impl": ("call", "fwd_in"),
+    "fwd_impl": ("fwd_in", "fwd_out"),
+    "fwd_impl_to_caller": ("fwd_out", "forward_done"),
+    "grad_to_bwd_impl": ("forward_done", "bwd_in"),
+    "bwd_impl": ("bwd_in", "bwd_out"),
+    "bwd_impl_to_caller": ("bwd_out", "grad_done"),
+}
+
+
+def phases(forward: Callable[[], torch.Tensor], inputs, dout, calls: int) -> dict:
+    """Median microseconds of each of ``PHASES`` over ``calls`` forward+backwards, by
+    default (backward on autograd's device thread) and with autograd's threads off."""
+    out = {}
+    for mode, threaded in (("device_thread", True), ("one_thread", False)):
+        samples: dict[str, list[float]] = {name: [] for name in PHASES}
+        stamps: dict[str, int] = {}
+        with _stamped(stamps), torch.autograd.set_multithreading_enabled(threaded):
+            for i in range(calls + 1):
+                stamps["call"] = time.perf_counter_ns()
+                o = forward()
+                stamps["forward_done"] = time.perf_counter_ns()
+                torch.autograd.grad(o, inputs, dout)
+                stamps["grad_done"] = time.perf_counter_ns()
+                for name, (a, b) in PHASES.items():
+                    if i:  # the first call warms up
+                        samples[name].append((stamps[b] - stamps[a]) / 1e3)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        out[mode] = {name: statistics.median(v) for name, v in samples.items()}
+    return out
+
+
+def top_functions(fn: Callable[[], object], calls: int, top: int = 25) -> list[str]:
+    """cProfile's ``top`` functions by own time over ``calls`` calls of ``fn``."""
+    fn()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return [line for line in text.getvalue().splitlines() if line.strip()]
 
 
 def launch_costs(layout, q, k, v, out, lse, dout, scale, calls: int) -> dict[str, float]:

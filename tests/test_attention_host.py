@@ -29,9 +29,17 @@ def test_attention_host_smoke_measures_every_row(tmp_path: Path) -> None:
     us = json.loads(out.read_text())["us"]
     assert set(us["launches"]) == {"delta", "dq_launch", "dkdv_launch", "dq_raw", "dkdv_raw"}
     rows = ["fwd_impl", "bwd_impl", "fwd_bwd_autograd", "fwd_bwd_autograd_one_thread"]
-    rows += ["bwd_impl_other_thread", "trivial_autograd"]
+    rows += ["bwd_impl_other_thread", "trivial_autograd", "trivial_autograd_one_thread"]
     for name in rows:
         assert us[name] > 0, name
+    for mode in ("device_thread", "one_thread"):
+        phases = us["phases"][mode]
+        assert set(phases) == {
+            "to_fwd_impl", "fwd_impl", "fwd_impl_to_caller",
+            "grad_to_bwd_impl", "bwd_impl", "bwd_impl_to_caller",
+        }  # fmt: skip
+        assert all(t > 0 for t in phases.values()), phases
+    assert "function calls" in us["profile_one_thread"][0]
     assert all(t > 0 for t in us["launches"].values())
 
 
