@@ -139,6 +139,7 @@ class StaticDecoder:
         if self.temperature > 0:  # greedy decoding draws nothing, as sample_logits
             self.noise.exponential_(1, generator=generator)
 
+    @torch.no_grad()  # callers outside generate too: a step traced for autograd fails
     def start(
         self, model: SparseTransformer, prompt: torch.Tensor, generator: torch.Generator | None
     ) -> None:
@@ -154,6 +155,7 @@ class StaticDecoder:
         self.cache.pos.fill_(t0)
         self.length = t0 + 1
 
+    @torch.no_grad()
     def advance(self, model: SparseTransformer, generator: torch.Generator | None) -> None:
         """Decode one more token (after :meth:`start`)."""
         if self.length >= self.tokens.shape[1]:

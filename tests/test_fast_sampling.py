@@ -140,6 +140,28 @@ def test_compiled_step_gives_the_eager_tokens_without_recompiling(kind, mode, fa
     assert not counters["graph_break"]
 
 
+def test_a_decoder_driven_with_grad_enabled_compiles_no_backward():
+    """A decoder called directly (as ``benchmarks/sampling.sync_free`` does), outside
+    ``generate``'s no_grad, decodes the same tokens through the graph ``generate``
+    compiled: no second graph traced for autograd (where the step's in-place writes to
+    its position and cache fail Inductor's backward trace)."""
+    cfg = small_config("strided", "multihead", n_layers=2)
+    model = build(cfg, dtype=torch.float32, seed=3, std=0.2).eval()  # as generate runs it
+    prompt = tokens(cfg, batch=2, n=5)
+    options = dict(temperature=1.0, top_p=0.9)
+    torch._dynamo.reset()
+    counters.clear()
+    first = generate(model, prompt, 12, **options, generator=11, fast="compile")
+    decoder = decoder_for(model, 2, mode="compile", **options)
+    assert torch.is_grad_enabled() and model.head.weight.requires_grad
+    g = torch.Generator().manual_seed(11)
+    decoder.start(model, prompt, g)
+    for _ in range(11):
+        decoder.advance(model, g)
+    assert torch.equal(decoder.output(), first)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_decoder_modes_are_checked():
     model = build(small_config(), dtype=torch.float32)
     with pytest.raises(ValueError, match="unknown mode"):
