@@ -5,8 +5,8 @@
 Microseconds per call until the last launch returns (the GPU is synchronised only
 around each batch of calls), for one shape of ``benchmarks/attention.py``:
 
-- each backward launch: the rowsum kernel, dQ and dK/dV through the autotuned
-  launcher and straight into the JIT kernel at the configuration it chose;
+- each backward launch (the rowsum kernel, dQ, dK/dV) as the op launches it (the
+  compiled kernel's own launcher), through Triton's autotuner and through its JIT;
 - ``_fwd_impl`` and ``_bwd_impl`` called directly (Python and launches only);
 - the op's forward+backward through ``torch.autograd.grad``: as it runs by default
   (the backward on autograd's device thread), with autograd's threads off (the
@@ -187,22 +187,24 @@ def top_functions(fn: Callable[[], object], calls: int, top: int = 25) -> list[s
 
 
 def launch_costs(layout, q, k, v, out, lse, dout, scale, calls: int) -> dict[str, float]:
-    """Each backward launch alone (the two-pass backward's): through ``_launch`` and
-    straight into the kernel."""
+    """Each backward launch alone (the two-pass backward's), three ways: as the op
+    launches it (``cache``: the compiled kernel's own launcher once Triton compiled it),
+    through Triton's autotuner, and straight into Triton's JIT kernel."""
     from sparse_transformer.ops import triton_attention as ta
 
     dq, dk, dv = (torch.empty_like(x) for x in (q, k, v))
     delta = ta._new_row_stats(q)
-    dq_call = ta._dq_call(q, k, v, dout, dq, lse, delta, layout, scale)
-    dkdv_call = ta._dkdv_call(q, k, v, dout, dk, dv, dk, lse, delta, layout, scale, False)
-    launches = {
-        "delta": lambda: ta._delta_call(out, dout, delta).run(),
-        "dq_launch": lambda: dq_call.run(),
-        "dkdv_launch": lambda: dkdv_call.run(),
-        "dq_raw": lambda: dq_call.run(tuned=False),
-        "dkdv_raw": lambda: dkdv_call.run(tuned=False),
+    calls_by_name = {
+        "delta": ta._delta_call(out, dout, delta),
+        "dq": ta._dq_call(q, k, v, dout, dq, lse, delta, layout, scale),
+        "dkdv": ta._dkdv_call(q, k, v, dout, dk, dv, dk, lse, delta, layout, scale, False),
     }
-    return {name: per_call_us(fn, calls) for name, fn in launches.items()}
+    rows = {}
+    for name, call in calls_by_name.items():
+        for via in ("cache", "autotuner", "jit"):
+            if via != "autotuner" or ta._TUNED.get(call.kernel, call.kernel) is not call.kernel:
+                rows[f"{name}_{via}"] = per_call_us(lambda c=call, w=via: c.run(w), calls)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

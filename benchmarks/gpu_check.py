@@ -384,7 +384,14 @@ def section_kernels(report: Report, env: Env) -> None:
             which = f", {backward} backward" if backend == "triton" else ""
             detail = f"{result.describe()}{which}, {took:.1f} s"
             report.check("kernels", result.ok, detail)
-    if env.gpu:
+    if env.gpu:  # the op's cached launches: inputs that Triton specialises differently
+        from sparse_transformer.ops.kernel_check import check_launches
+
+        start = time.monotonic()
+        with report.guard("kernels: cached launches"):
+            result = check_launches()
+            took = time.monotonic() - start
+            report.check("kernels", result.ok, f"{result.describe()}, {took:.1f} s")
         torch.cuda.empty_cache()  # the training runs' workers share this GPU
 
 

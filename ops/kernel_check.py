@@ -102,18 +102,97 @@ def check_kernel(
         )
         base = _grads(lambda a, b, c: sparse_attention(a, b, c, layout, backend="flex"), *lo)
     ta.POISON_OUTPUTS = True
-    try:
-        ours = _grads(lambda a, b, c: sparse_attention(a, b, c, layout, backend=backend), *lo)
+    try:  # twice: Triton's launch path compiles and launches, then the op's cached launches
+        runs = [
+            _grads(lambda a, b, c: sparse_attention(a, b, c, layout, backend=backend), *lo)
+            for _ in range(2)
+        ]
     finally:
         ta.POISON_OUTPUTS = False
     name = str(dtype).removeprefix("torch.")
+    return _judge(f"{backend} {kind}/{mode}/layer {layer} n={n} d={d} {name} seed={seed}",
+                  runs, base, truth, dtype)  # fmt: skip
+
+
+def _judge(case: str, runs: list[list[torch.Tensor]], base, truth, dtype) -> KernelCheck:
+    """The worst of ``runs`` (each out, dq, dk, dv) against PyTorch's ``base``."""
     return KernelCheck(
-        case=f"{backend} {kind}/{mode}/layer {layer} n={n} d={d} {name} seed={seed}",
-        kernel_err={k: (o.float() - t).abs().max().item() for k, o, t in zip(NAMES, ours, truth)},
+        case=case,
+        kernel_err={
+            k: max((run[i].float() - truth[i]).abs().max().item() for run in runs)
+            for i, k in enumerate(NAMES)
+        },
         torch_err={k: (b.float() - t).abs().max().item() for k, b, t in zip(NAMES, base, truth)},
         atol=1e-3 if dtype == torch.float16 else 8e-3,
-        unwritten=[k for k, o in zip(NAMES, ours) if o.isnan().any()],
+        unwritten=[k for i, k in enumerate(NAMES) if any(run[i].isnan().any() for run in runs)],
     )
 
 
-__all__ = ["KernelCheck", "check_kernel", "default_blocks"]
+LAUNCH_VARIANTS = ("contiguous", "misaligned", "strided", "contiguous again")
+"""The inputs ``check_launches`` feeds the kernels one after another."""
+
+
+def _variant_grads(fn: Callable, q, k, v, dout, how: str) -> list[torch.Tensor]:
+    """``_grads`` with q, k, v held in other memory: ``misaligned`` starts one element
+    past a 16-byte boundary, ``strided`` is a (B, n, H, d) tensor transposed. The leaves
+    are that memory, so the op sees the views themselves."""
+    shape = q.shape
+
+    def view(leaf: torch.Tensor) -> torch.Tensor:
+        if how == "misaligned":
+            return leaf[1:].view(shape)
+        return leaf.transpose(1, 2) if how == "strided" else leaf
+
+    leaves = []
+    for x in (q, k, v):
+        if how == "misaligned":
+            leaf = torch.cat([x.new_zeros(1), x.flatten()])
+        else:
+            leaf = x.transpose(1, 2).contiguous() if how == "strided" else x.clone()
+        leaves.append(leaf.requires_grad_())
+    out = fn(*(view(leaf) for leaf in leaves))
+    out.backward(dout)
+    return [out.detach(), *(view(leaf.grad) for leaf in leaves)]
+
+
+def check_launches(
+    kind: str = "strided",
+    mode: str = "interleaved",
+    n: int = 4096,
+    d: int = 64,
+    dtype: torch.dtype = torch.float16,
+    *,
+    stride: int | None = None,
+    device: str = "cuda",
+) -> KernelCheck:
+    """The op's cached launches (``triton_attention._cached_launch``) against inputs that
+    Triton specialises differently (``LAUNCH_VARIANTS``: a pointer off 16-byte alignment,
+    other strides, then the first kind again): each must compile or find its own kernel
+    and compute what the others do, by flash-attention's rule."""
+    from sparse_transformer.ops import triton_attention as ta
+
+    stride = stride or STRIDES[n]
+    pattern = pattern_for_layer(kind, mode=mode, layer=1, n_heads=2, stride=stride, summary=8)
+    layout = compile_layout(pattern, n, 2, *default_blocks(kind, d), device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 2, n, d, device=device, generator=gen) for _ in range(4))
+    lo = [x.to(dtype) for x in (q, k, v, dout)]
+    truth = _grads(lambda a, b, c: reference_attention(a, b, c, layout), q, k, v, dout)
+    base = _grads(lambda a, b, c: reference_attention(a, b, c, layout, upcast=False), *lo)
+
+    def attn(a, b, c):
+        return sparse_attention(a, b, c, layout, backend="triton")
+
+    runs = []
+    ta.POISON_OUTPUTS = True
+    try:
+        for how in LAUNCH_VARIANTS:
+            runs += [_variant_grads(attn, *lo, how) for _ in range(2)]
+    finally:
+        ta.POISON_OUTPUTS = False
+    name = str(dtype).removeprefix("torch.")
+    case = f"launches ({', '.join(LAUNCH_VARIANTS)}) {kind}/{mode} n={n} d={d} {name}"
+    return _judge(case, runs, base, truth, dtype)
+
+
+__all__ = ["LAUNCH_VARIANTS", "KernelCheck", "check_kernel", "check_launches", "default_blocks"]

@@ -51,6 +51,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.compiler import CompiledKernel
 
 from sparse_transformer.ops.layout import (
     PART_BAND,
@@ -516,11 +517,67 @@ def _launch(kernel, grid, *args, **constexprs) -> None:
     tuning or under ``torch.use_deterministic_algorithms``: the autotuner picks a
     configuration by timing in each process, and configurations may round differently,
     so a restarted process could compute other bits (PyTorch's Inductor likewise stops
-    autotuning in deterministic mode)."""
-    tuned = _TUNED[kernel]
-    if torch.are_deterministic_algorithms_enabled():
-        tuned = kernel
-    tuned[grid](*args, **constexprs)
+    autotuning in deterministic mode). Either way through ``_cached_launch``."""
+    tuned = kernel in _TUNED and not torch.are_deterministic_algorithms_enabled()
+    _cached_launch(kernel, _TUNED[kernel] if tuned else kernel, grid, args, constexprs)
+
+
+_LAUNCHES: dict[tuple, tuple] = {}
+"""Compiled kernels by launch signature (``_signature``), with the constexpr values
+their launcher takes after the arguments."""
+_LAUNCHES_MAX = 4096
+DIRECT_LAUNCH = os.environ.get("SPARSE_TRANSFORMER_DIRECT_LAUNCH", "1") != "0"
+"""Launch a compiled kernel through its own C launcher once Triton has compiled it for a
+launch signature. On the H200's host Triton's Python launch path costs about 55 us a
+launch and the autotuner's about 30 more; the launcher alone, 11
+(``benchmarks/attention_host``). ``SPARSE_TRANSFORMER_DIRECT_LAUNCH=0`` turns it off."""
+
+
+def _signature(kernel, launcher, args: tuple, constexprs: dict) -> tuple:
+    """At least everything Triton specialises a launch on: each tensor's dtype, device and
+    address modulo 256 (Triton: divisible by 16 or not), every other argument's type
+    and value (Triton: ints equal to 1, divisible by 16, 32- or 64-bit), the constexprs
+    and whether the autotuner picks the configuration."""
+    return (
+        id(kernel),  # a JITFunction's own hash is slow; kernels live as long as the module
+        launcher is not kernel,
+        *[
+            (a.dtype, a.get_device(), a.data_ptr() % 256)
+            if isinstance(a, torch.Tensor)
+            else (a.__class__, a)
+            for a in args
+        ],
+        *constexprs.items(),
+    )
+
+
+def _cached_launch(kernel, launcher, grid, args: tuple, constexprs: dict) -> None:
+    """Launch through ``launcher`` (the JIT kernel or its autotuner) the first time for a
+    launch signature, and keep the compiled kernel it returns; later launches with that
+    signature call the compiled kernel's launcher directly, as Triton's own path ends
+    (its launch hooks, which profilers set, included)."""
+    key = None
+    if DIRECT_LAUNCH:
+        key = _signature(kernel, launcher, args, constexprs)
+        hit = _LAUNCHES.get(key)
+        if hit is not None:
+            compiled, tail = hit
+            driver, hooks = triton.runtime.driver.active, triton.knobs.runtime
+            stream = driver.get_current_stream(driver.get_current_device())
+            metadata = compiled.launch_metadata(grid, stream, *args, *tail)
+            compiled.run(
+                grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata,
+                metadata, hooks.launch_enter_hook, hooks.launch_exit_hook, *args, *tail,
+            )  # fmt: skip
+            return
+    compiled = launcher[grid](*args, **constexprs)
+    if key is None or not isinstance(compiled, CompiledKernel):  # the interpreter: None
+        return
+    names = kernel.arg_names[len(args) :]
+    if set(names) == set(constexprs):  # else a default-valued parameter: not cached
+        if len(_LAUNCHES) >= _LAUNCHES_MAX:
+            _LAUNCHES.clear()
+        _LAUNCHES[key] = (compiled, tuple(constexprs[name] for name in names))
 
 
 def transposed_dkdv(d: int, block_k: int) -> bool:
@@ -603,10 +660,14 @@ class _Call(NamedTuple):
     args: tuple
     constexprs: dict[str, int | bool]
 
-    def run(self, tuned: bool = True) -> None:
-        """Launch it: through ``_launch`` (autotuned) or straight into the kernel."""
-        if tuned and self.kernel in _TUNED:
+    def run(self, via: str = "cache") -> None:
+        """Launch it: ``cache`` (``_launch``, as the op does), ``autotuner`` (Triton's
+        autotuned path every time) or ``jit`` (Triton's JIT kernel at its default
+        configuration every time)."""
+        if via == "cache":
             _launch(self.kernel, self.grid, *self.args, **self.constexprs)
+        elif via == "autotuner":
+            _TUNED.get(self.kernel, self.kernel)[self.grid](*self.args, **self.constexprs)
         else:
             self.kernel[self.grid](*self.args, **self.constexprs)
 

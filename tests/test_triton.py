@@ -32,7 +32,9 @@ def test_triton_kernels_match_reference_in_interpreter() -> None:
     assert proc.returncode == 0, f"seed {seed}\n" + proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert rows[-1] == {"compile": "ok"}
-    rows = rows[:-1]
+    launches = rows[-2]  # misaligned and strided inputs between aligned ones
+    assert launches["launches"] is True, launches["detail"]
+    rows = rows[:-2]
     assert len(rows) == 11  # 7 patterns two-pass, 4 of them fused
     assert {(row["backward"], row["transposed"]) for row in rows} == {
         (backward, transposed) for backward in ("two-pass", "fused") for transposed in (0, 1)
@@ -40,3 +42,27 @@ def test_triton_kernels_match_reference_in_interpreter() -> None:
     for row in rows:
         # fp32 kernels vs the fp64 reference: out, dq, dk, dv
         assert max(row["errors"]) < 1e-4, (seed, row)
+
+
+def test_launch_signature_separates_what_triton_specialises() -> None:
+    """The cached launch's key (``_signature``) differs wherever Triton may compile
+    another kernel: a pointer's alignment, a dtype, an int's value, a bool or float in
+    an int's place, a constexpr, autotuned or not."""
+    import torch
+
+    from sparse_transformer.ops import triton_attention as ta
+
+    kernel = ta._fwd_kernel
+    x = torch.zeros(64, dtype=torch.float16)
+
+    def sig(*args, launcher=kernel, **constexprs):
+        return ta._signature(kernel, launcher, args, constexprs or {"D": 16})
+
+    assert sig(x, 3, 0.5) == sig(torch.ones(64, dtype=torch.float16), 3, 0.5)
+    assert sig(x, 3, 0.5) != sig(x[1:], 3, 0.5)  # 2 bytes past the allocation's alignment
+    assert sig(x, 3, 0.5) != sig(x.float(), 3, 0.5)
+    assert sig(x, 16, 0.5) != sig(x, 17, 0.5)
+    assert sig(x, 1, 0.5) != sig(x, True, 0.5)
+    assert sig(x, 1, 1) != sig(x, 1, 1.0)
+    assert sig(x, 3, 0.5) != sig(x, 3, 0.5, D=32)
+    assert sig(x, 3, 0.5) != sig(x, 3, 0.5, launcher=object())

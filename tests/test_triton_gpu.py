@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 
 from sparse_transformer.ops import compile_layout, pattern_for_layer, sparse_attention  # noqa: E402
 from sparse_transformer.ops import triton_attention as ta  # noqa: E402
-from sparse_transformer.ops.kernel_check import check_kernel  # noqa: E402
+from sparse_transformer.ops.kernel_check import check_kernel, check_launches  # noqa: E402
 
 MODES = [
     ("strided", "interleaved", 0),
@@ -67,6 +67,15 @@ def test_triton_matches_reference_12k(kind, mode, layer, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_matches_reference_65k(kind, mode, layer, dtype):
     _check(kind, mode, layer, 65536, 64, dtype)
+
+
+@pytest.mark.parametrize("kind,mode", [("strided", "interleaved"), ("fixed", "merged")])
+@pytest.mark.parametrize("d", [32, 128])
+def test_cached_launches_follow_what_triton_specialises(kind, mode, d):
+    """Misaligned and transposed inputs between aligned ones: each launch signature gets
+    its own compiled kernel (``triton_attention._cached_launch``)."""
+    result = check_launches(kind, mode, d=d)
+    assert result.ok, result.describe()
 
 
 def test_auto_picks_triton_and_compiles():

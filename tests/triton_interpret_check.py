@@ -18,6 +18,7 @@ import torch.utils.checkpoint  # noqa: E402
 
 import sparse_transformer.ops.triton_attention as ta  # noqa: E402
 from sparse_transformer.ops import compile_layout, pattern_for_layer  # noqa: E402
+from sparse_transformer.ops.kernel_check import check_launches  # noqa: E402
 from sparse_transformer.ops.reference import reference_attention  # noqa: E402
 
 
@@ -56,6 +57,8 @@ def main() -> None:
         row.update(backward=backward, transposed=ta.transposed_dkdv(d, bk))
         print(json.dumps({**row, "errors": errs}))
     ta.BACKWARD = "two-pass"
+    launches = check_launches(n=100, d=16, dtype=torch.float32, stride=20, device="cpu")
+    print(json.dumps({"launches": launches.ok, "detail": launches.describe()}))
 
 
 def errors(layout, n: int, d: int, gen: torch.Generator) -> list[float]:
