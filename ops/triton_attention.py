@@ -35,7 +35,9 @@ never stored.
 
 The pipeline depth is autotuned per shape; without the autotuner
 (``torch.use_deterministic_algorithms``, the interpreter, tests) the kernels run at
-Triton's defaults.
+Triton's defaults. A launch goes through Triton's launch path once per launch signature;
+later ones call the compiled kernel's own launcher (``_cached_launch``), which costs a
+third or less of the host time.
 
 Registered as the custom ops ``sparse_transformer::block_sparse_attn_fwd`` /
 ``_bwd`` with fake implementations, so ``torch.compile`` and activation
@@ -528,9 +530,10 @@ their launcher takes after the arguments."""
 _LAUNCHES_MAX = 4096
 DIRECT_LAUNCH = os.environ.get("SPARSE_TRANSFORMER_DIRECT_LAUNCH", "1") != "0"
 """Launch a compiled kernel through its own C launcher once Triton has compiled it for a
-launch signature. On the H200's host Triton's Python launch path costs about 55 us a
-launch and the autotuner's about 30 more; the launcher alone, 11
-(``benchmarks/attention_host``). ``SPARSE_TRANSFORMER_DIRECT_LAUNCH=0`` turns it off."""
+launch signature. On the H200's host a dK/dV launch cost 142 us through Triton's
+autotuner, 81 through its JIT and 29 cached, dQ 66, 41 and 25
+(``benchmarks/results/attention_host_h200.json``). ``SPARSE_TRANSFORMER_DIRECT_LAUNCH=0``
+turns it off."""
 
 
 def _signature(kernel, launcher, args: tuple, constexprs: dict) -> tuple:
