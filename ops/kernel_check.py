@@ -4,8 +4,10 @@ For out, dq, dk and dv the kernel's largest error against fp32 (or, for n too lo
 for O(n^2), the fp32 block-sparse PyTorch backend) may be at most twice PyTorch's own
 error in the same low precision (dense attention run in fp16/bf16, or FlexAttention
 for long n), plus a small absolute term. Outputs start as NaN, so an element a kernel
-fails to write shows. Used by ``tests/test_triton_gpu.py`` (the full grid) and by
-``benchmarks/gpu_check.py`` (a quick grid).
+fails to write shows. Each case runs twice, so the second run goes through the op's
+cached launches; ``check_launches`` feeds them inputs Triton specialises differently.
+Used by ``tests/test_triton_gpu.py`` (the full grid) and by ``benchmarks/gpu_check.py``
+(a quick grid).
 """
 
 from __future__ import annotations
