@@ -53,12 +53,14 @@ def test_launch_signature_separates_what_triton_specialises() -> None:
     from sparse_transformer.ops import triton_attention as ta
 
     kernel = ta._fwd_kernel
-    x = torch.zeros(64, dtype=torch.float16)
+    buf = torch.zeros(1024, dtype=torch.float16)
+    start = (-buf.data_ptr() // 2) % 128  # the first element on a 256-byte boundary
+    x, y = buf[start : start + 64], buf[start + 128 : start + 192]  # 256 bytes apart
 
     def sig(*args, launcher=kernel, **constexprs):
         return ta._signature(kernel, launcher, args, constexprs or {"D": 16})
 
-    assert sig(x, 3, 0.5) == sig(torch.ones(64, dtype=torch.float16), 3, 0.5)
+    assert sig(x, 3, 0.5) == sig(y, 3, 0.5)
     assert sig(x, 3, 0.5) != sig(x[1:], 3, 0.5)  # 2 bytes past the allocation's alignment
     assert sig(x, 3, 0.5) != sig(x.float(), 3, 0.5)
     assert sig(x, 16, 0.5) != sig(x, 17, 0.5)
