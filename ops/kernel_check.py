@@ -130,25 +130,30 @@ def _judge(case: str, runs: list[list[torch.Tensor]], base, truth, dtype) -> Ker
     )
 
 
-LAUNCH_VARIANTS = ("contiguous", "misaligned", "strided", "contiguous again")
+LAUNCH_VARIANTS = ("contiguous", "misaligned", "strided", "padded", "contiguous again")
 """The inputs ``check_launches`` feeds the kernels one after another."""
 
 
 def _variant_grads(fn: Callable, q, k, v, dout, how: str) -> list[torch.Tensor]:
     """``_grads`` with q, k, v held in other memory: ``misaligned`` starts one element
-    past a 16-byte boundary, ``strided`` is a (B, n, H, d) tensor transposed. The leaves
-    are that memory, so the op sees the views themselves."""
-    shape = q.shape
+    past a 16-byte boundary, ``strided`` is a (B, n, H, d) tensor transposed, ``padded``
+    has rows of d + 8 elements (a row stride Triton does not see as a multiple of 16).
+    The leaves are that memory, so the op sees the views themselves."""
+    shape, d = q.shape, q.shape[-1]
 
     def view(leaf: torch.Tensor) -> torch.Tensor:
         if how == "misaligned":
             return leaf[1:].view(shape)
+        if how == "padded":
+            return leaf[..., :d]
         return leaf.transpose(1, 2) if how == "strided" else leaf
 
     leaves = []
     for x in (q, k, v):
         if how == "misaligned":
             leaf = torch.cat([x.new_zeros(1), x.flatten()])
+        elif how == "padded":
+            leaf = torch.cat([x, x.new_zeros(*shape[:-1], 8)], dim=-1)
         else:
             leaf = x.transpose(1, 2).contiguous() if how == "strided" else x.clone()
         leaves.append(leaf.requires_grad_())
@@ -169,8 +174,9 @@ def check_launches(
 ) -> KernelCheck:
     """The op's cached launches (``triton_attention._cached_launch``) against inputs that
     Triton specialises differently (``LAUNCH_VARIANTS``: a pointer off 16-byte alignment,
-    other strides, then the first kind again): each must compile or find its own kernel
-    and compute what the others do, by flash-attention's rule."""
+    other strides, a row stride not divisible by 16, then the first kind again): each
+    must compile or find its own kernel and compute what the others do, by
+    flash-attention's rule."""
     from sparse_transformer.ops import triton_attention as ta
 
     stride = stride or STRIDES[n]

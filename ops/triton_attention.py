@@ -46,6 +46,7 @@ checkpointing see a known op.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -526,32 +527,60 @@ def _launch(kernel, grid, *args, **constexprs) -> None:
 
 _LAUNCHES: dict[tuple, tuple] = {}
 """Compiled kernels by launch signature (``_signature``), with the constexpr values
-their launcher takes after the arguments."""
+their launcher takes after the arguments; the oldest is dropped past ``_LAUNCHES_MAX``."""
 _LAUNCHES_MAX = 4096
 DIRECT_LAUNCH = os.environ.get("SPARSE_TRANSFORMER_DIRECT_LAUNCH", "1") != "0"
 """Launch a compiled kernel through its own C launcher once Triton has compiled it for a
 launch signature. On the H200's host a dK/dV launch cost 142 us through Triton's
 autotuner, 81 through its JIT and 29 cached, dQ 66, 41 and 25
 (``benchmarks/results/attention_host_h200.json``). ``SPARSE_TRANSFORMER_DIRECT_LAUNCH=0``
-turns it off."""
+turns it off; it is off under the interpreter and on backends other than CUDA (ROCm
+also specialises on each tensor's storage size)."""
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_SCALARS = (int, float, bool, type(None))
 
 
-def _signature(kernel, launcher, args: tuple, constexprs: dict) -> tuple:
-    """At least everything Triton specialises a launch on: each tensor's dtype, device and
-    address modulo 256 (Triton: divisible by 16 or not), every other argument's type
-    and value (Triton: ints equal to 1, divisible by 16, 32- or 64-bit), the constexprs
-    and whether the autotuner picks the configuration."""
+def _signature(kernel, launcher, device: int, args: tuple, constexprs: dict) -> tuple | None:
+    """At least everything Triton specialises a launch on: the current device, each
+    tensor's dtype, device and address modulo 256 (Triton: divisible by 16 or not), every
+    other argument's type and value (Triton: ints equal to 1, divisible by 16, 32- or
+    64-bit), the constexprs, whether the autotuner picks the configuration, and Triton's
+    options that enter its own cache key. None (do not cache) for an argument that is
+    neither a tensor nor a scalar, or where a hook could change a compile per launch."""
+    options = _triton_options(kernel)
+    if options is None:
+        return None
+    key = [id(kernel), launcher is not kernel, device, options]  # id: a JITFunction's
+    for a in args:  # own hash is slow, and the cached kernel keeps it alive
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.get_device(), a.data_ptr() % 256))
+        elif isinstance(a, _SCALARS):
+            key.append((a.__class__, a))
+        else:
+            return None
+    key.extend(constexprs.items())
+    return tuple(key)
+
+
+def _triton_options(kernel) -> tuple | None:
+    """The knobs Triton's ``JITFunction.run`` puts into a kernel's cache key (names of
+    Triton 3.6 and 3.9; absent ones read as None); None while a pre-run hook or a
+    pipeline inspection hook is set, which Triton runs on every launch."""
+    runtime, compilation = triton.knobs.runtime, triton.knobs.compilation
+    if getattr(kernel, "pre_run_hooks", None) or getattr(
+        runtime, "add_stages_inspection_hook", None
+    ):
+        return None
     return (
-        id(kernel),  # a JITFunction's own hash is slow; kernels live as long as the module
-        launcher is not kernel,
-        *[
-            (a.dtype, a.get_device(), a.data_ptr() % 256)
-            if isinstance(a, torch.Tensor)
-            else (a.__class__, a)
-            for a in args
-        ],
-        *constexprs.items(),
+        getattr(runtime, "debug", None),
+        getattr(compilation, "instrumentation_mode", None),
+        getattr(compilation, "fpsan_homomorphic_casts", None),
     )
+
+
+@functools.cache
+def _cuda_backend() -> bool:
+    return triton.runtime.driver.active.get_current_target().backend == "cuda"
 
 
 def _cached_launch(kernel, launcher, grid, args: tuple, constexprs: dict) -> None:
@@ -560,13 +589,14 @@ def _cached_launch(kernel, launcher, grid, args: tuple, constexprs: dict) -> Non
     signature call the compiled kernel's launcher directly, as Triton's own path ends
     (its launch hooks, which profilers set, included)."""
     key = None
-    if DIRECT_LAUNCH:
-        key = _signature(kernel, launcher, args, constexprs)
-        hit = _LAUNCHES.get(key)
+    if DIRECT_LAUNCH and not _INTERPRETED:
+        driver = triton.runtime.driver.active
+        device = driver.get_current_device()
+        key = _signature(kernel, launcher, device, args, constexprs)
+        hit = _LAUNCHES.get(key) if key is not None else None
         if hit is not None:
             compiled, tail = hit
-            driver, hooks = triton.runtime.driver.active, triton.knobs.runtime
-            stream = driver.get_current_stream(driver.get_current_device())
+            stream, hooks = driver.get_current_stream(device), triton.knobs.runtime
             metadata = compiled.launch_metadata(grid, stream, *args, *tail)
             compiled.run(
                 grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata,
@@ -574,12 +604,12 @@ def _cached_launch(kernel, launcher, grid, args: tuple, constexprs: dict) -> Non
             )  # fmt: skip
             return
     compiled = launcher[grid](*args, **constexprs)
-    if key is None or not isinstance(compiled, CompiledKernel):  # the interpreter: None
+    if key is None or not isinstance(compiled, CompiledKernel) or not _cuda_backend():
         return
     names = kernel.arg_names[len(args) :]
     if set(names) == set(constexprs):  # else a default-valued parameter: not cached
         if len(_LAUNCHES) >= _LAUNCHES_MAX:
-            _LAUNCHES.clear()
+            del _LAUNCHES[next(iter(_LAUNCHES))]
         _LAUNCHES[key] = (compiled, tuple(constexprs[name] for name in names))
 
 

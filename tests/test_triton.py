@@ -46,9 +46,12 @@ def test_triton_kernels_match_reference_in_interpreter() -> None:
 
 def test_launch_signature_separates_what_triton_specialises() -> None:
     """The cached launch's key (``_signature``) differs wherever Triton may compile
-    another kernel: a pointer's alignment, a dtype, an int's value, a bool or float in
-    an int's place, a constexpr, autotuned or not."""
+    another kernel: the current device, a pointer's alignment, a dtype, an int's value,
+    a bool or float in an int's place, a constexpr, autotuned or not, Triton's debug
+    knob; and there is none (no caching) for arguments it cannot vouch for or while a
+    hook runs on every launch."""
     import torch
+    import triton
 
     from sparse_transformer.ops import triton_attention as ta
 
@@ -57,14 +60,30 @@ def test_launch_signature_separates_what_triton_specialises() -> None:
     start = (-buf.data_ptr() // 2) % 128  # the first element on a 256-byte boundary
     x, y = buf[start : start + 64], buf[start + 128 : start + 192]  # 256 bytes apart
 
-    def sig(*args, launcher=kernel, **constexprs):
-        return ta._signature(kernel, launcher, args, constexprs or {"D": 16})
+    def sig(*args, launcher=kernel, device=0, **constexprs):
+        return ta._signature(kernel, launcher, device, args, constexprs or {"D": 16})
 
+    assert sig(x, 3, 0.5) is not None
     assert sig(x, 3, 0.5) == sig(y, 3, 0.5)
-    assert sig(x, 3, 0.5) != sig(x[1:], 3, 0.5)  # 2 bytes past the allocation's alignment
+    assert sig(x, 3, 0.5) != sig(x, 3, 0.5, device=1)
+    assert sig(x, 3, 0.5) != sig(x[1:], 3, 0.5)  # 2 bytes past the 256-byte boundary
     assert sig(x, 3, 0.5) != sig(x.float(), 3, 0.5)
     assert sig(x, 16, 0.5) != sig(x, 17, 0.5)
     assert sig(x, 1, 0.5) != sig(x, True, 0.5)
     assert sig(x, 1, 1) != sig(x, 1, 1.0)
     assert sig(x, 3, 0.5) != sig(x, 3, 0.5, D=32)
     assert sig(x, 3, 0.5) != sig(x, 3, 0.5, launcher=object())
+    assert sig(x, [3], 0.5) is None
+    before = sig(x, 3, 0.5)
+    runtime = triton.knobs.runtime
+    debug = runtime.debug
+    runtime.debug = not debug
+    try:
+        assert sig(x, 3, 0.5) != before
+    finally:
+        runtime.debug = debug
+    kernel.pre_run_hooks.append(lambda *a, **k: None)
+    try:
+        assert sig(x, 3, 0.5) is None
+    finally:
+        kernel.pre_run_hooks.pop()
