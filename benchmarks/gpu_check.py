@@ -399,11 +399,11 @@ def _check_backward(backward: str, *case, backend: str, env: Env):
     from sparse_transformer.ops import triton_attention
     from sparse_transformer.ops.kernel_check import check_kernel
 
-    triton_attention.BACKWARD = backward
+    before, triton_attention.BACKWARD = triton_attention.BACKWARD, backward
     try:
         return check_kernel(*case, backend=backend, device=env.device)
     finally:
-        triton_attention.BACKWARD = "two-pass"
+        triton_attention.BACKWARD = before
 
 
 def section_sampling(report: Report, env: Env) -> None:

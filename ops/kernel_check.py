@@ -59,11 +59,34 @@ def default_blocks(kind: str, d: int) -> tuple[int, int]:
     return (64, 64)
 
 
-def _grads(fn: Callable, q, k, v, dout) -> list[torch.Tensor]:
-    qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = fn(qs, ks, vs)
+def _grads(fn: Callable, q, k, v, dout, how: str = "contiguous") -> list[torch.Tensor]:
+    """``fn``'s output and the gradients of q, k, v for ``dout``, with q, k, v held in
+    fresh memory (``contiguous``) or as ``check_launches``' other ``LAUNCH_VARIANTS``:
+    ``misaligned`` starts one element past a 16-byte boundary, ``strided`` is a
+    (B, n, H, d) tensor transposed, ``padded`` has rows of d + 8 elements (a row stride
+    Triton does not see as a multiple of 16). The leaves are that memory, so ``fn`` sees
+    the views themselves."""
+    shape, d = q.shape, q.shape[-1]
+
+    def view(leaf: torch.Tensor) -> torch.Tensor:
+        if how == "misaligned":
+            return leaf[1:].view(shape)
+        if how == "padded":
+            return leaf[..., :d]
+        return leaf.transpose(1, 2) if how == "strided" else leaf
+
+    leaves = []
+    for x in (q.detach(), k.detach(), v.detach()):
+        if how == "misaligned":
+            leaf = torch.cat([x.new_zeros(1), x.flatten()])
+        elif how == "padded":
+            leaf = torch.cat([x, x.new_zeros(*shape[:-1], 8)], dim=-1)
+        else:
+            leaf = x.transpose(1, 2).contiguous() if how == "strided" else x.clone()
+        leaves.append(leaf.requires_grad_())
+    out = fn(*(view(leaf) for leaf in leaves))
     out.backward(dout)
-    return [out.detach(), qs.grad, ks.grad, vs.grad]
+    return [out.detach(), *(view(leaf.grad) for leaf in leaves)]
 
 
 def check_kernel(
@@ -134,34 +157,6 @@ LAUNCH_VARIANTS = ("contiguous", "misaligned", "strided", "padded", "contiguous 
 """The inputs ``check_launches`` feeds the kernels one after another."""
 
 
-def _variant_grads(fn: Callable, q, k, v, dout, how: str) -> list[torch.Tensor]:
-    """``_grads`` with q, k, v held in other memory: ``misaligned`` starts one element
-    past a 16-byte boundary, ``strided`` is a (B, n, H, d) tensor transposed, ``padded``
-    has rows of d + 8 elements (a row stride Triton does not see as a multiple of 16).
-    The leaves are that memory, so the op sees the views themselves."""
-    shape, d = q.shape, q.shape[-1]
-
-    def view(leaf: torch.Tensor) -> torch.Tensor:
-        if how == "misaligned":
-            return leaf[1:].view(shape)
-        if how == "padded":
-            return leaf[..., :d]
-        return leaf.transpose(1, 2) if how == "strided" else leaf
-
-    leaves = []
-    for x in (q, k, v):
-        if how == "misaligned":
-            leaf = torch.cat([x.new_zeros(1), x.flatten()])
-        elif how == "padded":
-            leaf = torch.cat([x, x.new_zeros(*shape[:-1], 8)], dim=-1)
-        else:
-            leaf = x.transpose(1, 2).contiguous() if how == "strided" else x.clone()
-        leaves.append(leaf.requires_grad_())
-    out = fn(*(view(leaf) for leaf in leaves))
-    out.backward(dout)
-    return [out.detach(), *(view(leaf.grad) for leaf in leaves)]
-
-
 def check_launches(
     kind: str = "strided",
     mode: str = "interleaved",
@@ -195,7 +190,7 @@ def check_launches(
     ta.POISON_OUTPUTS = True
     try:
         for how in LAUNCH_VARIANTS:
-            runs += [_variant_grads(attn, *lo, how) for _ in range(2)]
+            runs += [_grads(attn, *lo, how) for _ in range(2)]
     finally:
         ta.POISON_OUTPUTS = False
     name = str(dtype).removeprefix("torch.")

@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 from triton.compiler import CompiledKernel
 
+from sparse_transformer.ops.attention import _triton_interpreter
 from sparse_transformer.ops.layout import (
     PART_BAND,
     PART_CHUNK,
@@ -492,13 +493,14 @@ block per tile (two packed into one tile never won), so only the pipeline depth 
 tuned (``benchmarks/results/attention_h200.json``, ``autotuned``)."""
 
 
+_INTERPRETED = _triton_interpreter()  # chosen before anything compiles: read once
+
+
 def _tuned(kernel, extra_key: tuple[str, ...] = (), reset_to_zero: tuple[str, ...] = ()):
     """Autotuned launcher on a GPU; the plain kernel (Triton's default warps and
     stages) under TRITON_INTERPRET=1 or with SPARSE_TRANSFORMER_AUTOTUNE=0, which
     the correctness tests set to keep compile time down."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return kernel
-    if os.environ.get("SPARSE_TRANSFORMER_AUTOTUNE", "1") == "0":
+    if _INTERPRETED or os.environ.get("SPARSE_TRANSFORMER_AUTOTUNE", "1") == "0":
         return kernel
     return triton.autotune(
         configs=_TUNE_CONFIGS,
@@ -536,7 +538,6 @@ autotuner, 81 through its JIT and 29 cached, dQ 66, 41 and 25
 (``benchmarks/results/attention_host_h200.json``). ``SPARSE_TRANSFORMER_DIRECT_LAUNCH=0``
 turns it off; it is off under the interpreter and on backends other than CUDA (ROCm
 also specialises on each tensor's storage size)."""
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _SCALARS = (int, float, bool, type(None))
 
 
