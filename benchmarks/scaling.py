@@ -441,6 +441,24 @@ def earlier(path: Path, fresh: bool) -> dict[str, Any]:
     return {} if fresh or not path.exists() else json.loads(path.read_text())
 
 
+def metadata(
+    before: dict[str, Any], command: str, use_gpu: bool, memory_config: str | None
+) -> dict[str, Any]:
+    """This command's record beside the earlier ones'; the memory table's config stays
+    the earlier command's when this one measures no memory (the table is derived anew
+    from the merged rows on every save)."""
+    import torch
+
+    return {
+        "commands": [*before.get("commands", []), command],
+        "device": torch.cuda.get_device_name(0) if use_gpu else "cpu (smoke run)",
+        "gpus": torch.cuda.device_count() if use_gpu else 0,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "memory_config": memory_config or before.get("memory_config"),
+    }
+
+
 def save(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     result = {**meta, "rows": rows, **summarize(rows, meta.get("memory_config"))}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -550,14 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     before = earlier(path, args.fresh)
     args_given = sys.argv[1:] if argv is None else argv
     this = shlex.join(["python", "-m", "sparse_transformer.benchmarks.scaling", *args_given])
-    meta = {
-        "commands": [*before.get("commands", []), this],
-        "device": torch.cuda.get_device_name(0) if s.use_gpu else "cpu (smoke run)",
-        "gpus": torch.cuda.device_count() if s.use_gpu else 0,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "memory_config": memory_config,
-    }  # fmt: skip
+    meta = metadata(before, this, s.use_gpu, memory_config)
     result = run_plan(specs, s, list(before.get("rows", [])), path, meta, args)
     print(markdown(result))
     failed = [r["key"] for r in result["rows"] if r["key"] in result["ran"] and "error" in r]

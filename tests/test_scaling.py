@@ -56,3 +56,17 @@ def test_cpu_smoke_writes_scaling_loss_match_and_recovery(tmp_path: Path) -> Non
     assert rec["resumed_from"] == [2, 4] and rec["universal"] and rec["final_step"] == 8
     (memory,) = result["memory"]
     assert (memory["zero"], memory["workers"]) == (1, 2) and memory["peak_memory_bytes"] > 0
+
+
+def test_a_later_command_without_memory_keeps_the_memory_table(tmp_path: Path) -> None:
+    """docs/scaling.md's second command (cifar10, no --memory) merges into the first's JSON:
+    the memory table, derived from the merged rows on every save, keeps its config."""
+    row = {"key": "scaling/music-65k/z1/n2/b2", "kind": "scaling", "config": "music-65k",
+           "zero": 1, "workers": 2, "batch_per_worker": 1, "seq_len": 65536,
+           "peak_memory_bytes": 123, "tokens_per_second": 1.0, "steps": 4}  # fmt: skip
+    first = scaling.metadata({}, "first", False, "music-65k")
+    before = scaling.save(tmp_path / "s.json", [row], first)
+    second = scaling.metadata(before, "second", False, None)
+    assert second["commands"] == ["first", "second"]
+    after = scaling.save(tmp_path / "s.json", [row], second)
+    assert [m["peak_memory_bytes"] for m in after["memory"]] == [123]
