@@ -47,6 +47,11 @@ DATA_DIR = ROOT / "runs" / "data" / "reproduce"
 RUNS_DIR = ROOT / "runs" / "reproduce"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_VALIDATION = 2000
+PREPARED_URLS = {
+    "text": f"file://{DATA_DIR}/wiki-sample-12288",
+    "image": f"file://{DATA_DIR}/fashion-mnist",
+}
+"""The datasets ``--prepare-only`` writes, by pair (under ``DATA_DIR``)."""
 
 # name: (pair, arm, config); the arms of a pair share everything but the attention
 RUNS: dict[str, tuple[str, str, str]] = {
@@ -121,22 +126,30 @@ def fashion_subset(source: Path, out: Path, train: int) -> Path:
     return out
 
 
-def prepare_data(root: Path = DATA_DIR, fashion_train: int = 14000) -> dict[str, str]:
-    """Prepare both datasets under ``root`` with the project's ``data.prepare`` (train and
+def prepare_data(fashion_train: int = 14000) -> dict[str, str]:
+    """Prepare both datasets (``PREPARED_URLS``) with the project's ``data.prepare`` (train and
     validation splits only); their URLs by pair. Prints each folder's size."""
     from sparse_transformer.data import prepare
+    from sparse_transformer.distributed.config import local_path
 
-    urls = {"text": f"file://{root}/wiki-sample-12288", "image": f"file://{root}/fashion-mnist"}
+    urls = PREPARED_URLS
     splits = ("train", "validation")
     prepare("wiki-sample", urls["text"], seq_len=12288, splits=splits)
     src = fashion_subset(
-        FASHION_DIR, root.parent / "reproduce-src" / "fashion-mnist", fashion_train
+        FASHION_DIR, DATA_DIR.parent / "reproduce-src" / "fashion-mnist", fashion_train
     )
     prepare("fashion-mnist", urls["image"], path=str(src), splits=splits)
     for pair, url in urls.items():
-        size = sum(p.stat().st_size for p in Path(url[7:]).rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in Path(local_path(url)).rglob("*") if p.is_file())
         log(f"{pair}: {url} ({size / 2**20:.1f} MiB)")
     return urls
+
+
+def _ours(path: Path) -> bool:
+    """A file of the checkout itself: not under ``runs/`` nor a hidden folder (``.venv``,
+    ``.git``, caches), so the smoke data is the same wherever the checkout lies."""
+    parts = path.relative_to(ROOT).parts
+    return parts[0] != "runs" and not any(part.startswith(".") for part in parts)
 
 
 def smoke_data(root: Path) -> dict[str, str]:
@@ -144,7 +157,7 @@ def smoke_data(root: Path) -> dict[str, str]:
     at n = 256, and 28x28 "images" whose pixels are those bytes (the fashion-mnist path)."""
     from sparse_transformer.data import prepare
 
-    corpus = b"".join(p.read_bytes() for p in sorted(ROOT.glob("**/*.md")) if "runs" not in p.parts)
+    corpus = b"".join(p.read_bytes() for p in sorted(ROOT.glob("**/*.md")) if _ours(p))
     (root / "corpus.txt").write_bytes(corpus)
     text = f"file://{root}/text-256"
     prepare(
@@ -430,8 +443,16 @@ def save(results: dict[str, Any], path: Path) -> None:
 
 def run_steps(args: argparse.Namespace, results: dict[str, Any], json_path: Path) -> None:
     """Train the chosen arms, then sweep; the JSON is rewritten after each step."""
+    if not args.cpu_smoke:
+        return _run_steps(args, results, json_path, None)
+    with tempfile.TemporaryDirectory(prefix="st-reproduce-") as work:  # data, runs: removed
+        _run_steps(args, results, json_path, Path(work))
+
+
+def _run_steps(
+    args: argparse.Namespace, results: dict[str, Any], json_path: Path, work: Path | None
+) -> None:
     chosen = args.steps.split(",")
-    work = Path(tempfile.mkdtemp(prefix="st-reproduce-")) if args.cpu_smoke else None
     urls = smoke_data(work) if work else _prepared_urls(chosen)
     storage = work / "runs" if work else RUNS_DIR
     steps = {"text": args.text_steps, "image": args.image_steps}
@@ -492,15 +513,14 @@ def ray_session(run: str, overrides: list[str]) -> Iterator[None]:
 
 def _prepared_urls(chosen: list[str]) -> dict[str, str]:
     """The prepared datasets' URLs; the ones the chosen steps need must exist."""
-    urls = {
-        "text": f"file://{DATA_DIR}/wiki-sample-12288",
-        "image": f"file://{DATA_DIR}/fashion-mnist",
-    }
+    from sparse_transformer.distributed.config import local_path
+
     needed = {RUNS[s][0] for s in chosen if s in RUNS} | ({"text"} if "sweep" in chosen else set())
     for pair in sorted(needed):
-        if not Path(urls[pair][7:], "manifest.json").is_file():
-            raise SystemExit(f"reproduce: no dataset at {urls[pair]}: run --prepare-only first")
-    return urls
+        url = PREPARED_URLS[pair]
+        if not Path(local_path(url), "manifest.json").is_file():
+            raise SystemExit(f"reproduce: no dataset at {url}: run --prepare-only first")
+    return dict(PREPARED_URLS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(args.steps.split(",")) - set(STEPS):
         p.error(f"unknown steps {sorted(unknown)}; choose from {STEPS}")
     if args.prepare_only:
-        prepare_data(DATA_DIR, args.fashion_train)
+        prepare_data(args.fashion_train)
         return 0
     smoke_dir = RUNS_DIR.parent / "reproduce-smoke"
     json_path = Path(args.json or (smoke_dir / "reproduce.json" if args.cpu_smoke
