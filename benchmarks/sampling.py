@@ -103,7 +103,24 @@ def measure(
     }
     if path != "eager":
         row["sync_free"] = sync_free(model, prompt, path)
+        if device.type == "cuda":
+            row["profile"] = step_profile(model, prompt, path)
     return row, tokens
+
+
+def step_profile(
+    model: SparseTransformer, prompt: torch.Tensor, mode: str, steps: int = 16
+) -> dict:
+    """The fast path's step under ``torch.profiler`` (CUDA): kernels per step, their summed
+    time, the host's time to issue a step and the wall time per step, the costliest kernels."""
+    from sparse_transformer.benchmarks.attention import profile
+
+    decoder = decoder_for(model, prompt.shape[0], mode=mode, **SAMPLING)
+    g = torch.Generator(device=prompt.device).manual_seed(0)
+    decoder.start(model, prompt, g)
+    out = profile(lambda: decoder.advance(model, g), calls=steps)
+    out["kernels"] = dict(list(out["kernels"].items())[:12])
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def sync_free(
@@ -199,18 +216,22 @@ def _write(out: dict, path: str) -> None:
 def markdown(out: dict) -> str:
     """The step table and the cache table."""
     lines = [
-        "| config | batch | prompt | path | ms per step | tokens/s | setup s | same tokens |",
-        "|---|---:|---:|---|---:|---:|---:|---|",
+        "| config | batch | prompt | path | ms per step | tokens/s | setup s | same tokens "
+        "| kernels per step | kernel ms |",
+        "|---|---:|---:|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in out["rows"]:
         if "error" in r:
             lines.append(f"| {r['config']} | {r['batch']} | {r['prompt']} | {r['path']} | "
-                         f"error: {r['error'][:60]} | | | |")  # fmt: skip
+                         f"error: {r['error'][:60]} | | | | | |")  # fmt: skip
             continue
         same = "" if r["path"] == "eager" else _same(r)
+        prof = r.get("profile") or {}
+        count = f"{prof['kernels_per_call']:,.0f}" if prof else ""
+        kernel_ms = f"{prof['kernel_ms']:.2f}" if prof else ""
         lines.append(
             f"| {r['config']} | {r['batch']} | {r['prompt']} | {r['path']} | {r['step_ms']:.2f} "
-            f"| {r['tokens_per_s']:,.0f} | {r['setup_s']:.1f} | {same} |"
+            f"| {r['tokens_per_s']:,.0f} | {r['setup_s']:.1f} | {same} | {count} | {kernel_ms} |"
         )
     lines += [
         "",
