@@ -119,7 +119,7 @@ def step_profile(
     g = torch.Generator(device=prompt.device).manual_seed(0)
     decoder.start(model, prompt, g)
     out = profile(lambda: decoder.advance(model, g), calls=steps)
-    out["kernels"] = dict(list(out["kernels"].items())[:12])
+    out["kernels"] = dict(list(out["kernels"].items())[:24])
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 

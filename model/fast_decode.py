@@ -14,13 +14,15 @@ Modes (:data:`FAST_MODES`):
 
 - ``static``: the step's kernels run one by one, eagerly (the CPU default).
 - ``compile``: the whole step through ``torch.compile(fullgraph=True, dynamic=False)``;
-  on CUDA with ``mode="reduce-overhead"``, so Inductor replays it as CUDA graphs
-  (the CUDA default). One compile per decoder, none per step.
+  on CUDA with ``mode="reduce-overhead"``, so Inductor replays it as CUDA graphs.
+  One compile per decoder, none per step; it grows with depth (90 s for enwik8's 30
+  layers on an H200, over 4 minutes for cifar10's 128).
 - ``graph``: the eager step captured in one ``torch.cuda.CUDAGraph`` and replayed
   (CUDA only): no compile time, but no fused kernels either.
 - ``compile-blocks``: every block through ``torch.compile`` (default mode; blocks
   with one pattern share a graph, so compile time does not grow with depth), and on
-  CUDA the whole step captured in one CUDA graph.
+  CUDA the whole step captured in one CUDA graph (the CUDA default: as fast as
+  ``compile`` on the H200, set up in seconds).
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ _DECODERS = weakref.WeakKeyDictionary()
 
 
 def default_mode(device: torch.device) -> str:
-    """``compile`` (CUDA graphs through Inductor) on CUDA, ``static`` elsewhere."""
-    return "compile" if device.type == "cuda" else "static"
+    """``compile-blocks`` (compiled blocks in one CUDA graph) on CUDA, ``static`` elsewhere."""
+    return "compile-blocks" if device.type == "cuda" else "static"
 
 
 def static_decode(

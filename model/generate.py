@@ -95,7 +95,7 @@ def generate(
     None for the global RNG; the same seed gives the same samples.
     ``fast``: False decodes with :class:`KVCache` step by step (the reference); True or
     a mode of ``fast_decode.FAST_MODES`` uses a static cache and a compiled or captured
-    step (True: ``compile`` on CUDA, ``static`` elsewhere), with the same tokens.
+    step (True: ``compile-blocks`` on CUDA, ``static`` elsewhere), with the same tokens.
     """
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ValueError(f"generate: prompt must be (batch, T0) with T0 >= 1, got {prompt.shape}")

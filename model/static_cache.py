@@ -12,6 +12,10 @@ each pattern keeps and why), rebuilt for ``torch.compile`` and CUDA graphs:
   i - l .. i and the column of i's residue (l + 1 + ceil(n / l) slots, gathered);
   the pattern's own predicates (``Pattern.a1`` / ``a2`` / ``mask_mod``) mask what
   the query may not read, as in ``kv_cache``;
+- a layer's stores share one buffer, a key and its value side by side in each row,
+  so a step is one write, one gather, one softmax and one weighted sum per layer
+  whatever its stores (compiled: a handful of kernels, where each store and each
+  of keys and values had its own);
 - a store holds only the heads that read it: a strided multihead layer keeps its
   A1 heads in a ring of l + 1 and only its A2 heads in n slots (``kv_cache`` keeps
   every head of such a layer in n slots); a fixed multihead layer keeps its A1
@@ -120,31 +124,36 @@ def cache_bytes(
 
 
 class _Store:
-    """Keys (B, Hs, C, d_qk) and values (B, Hs, C, d) of the heads ``spec.heads``."""
+    """Where one store's heads ``spec.heads`` keep their slots in the layer's buffer: head
+    ``heads[j]``'s slot s is row ``base + j * capacity + s`` of the layer's keys and values
+    (B, R, d_qk + d). A store holds no tensor of its own; it says which rows a position goes
+    to and which rows a query reads, with the masks of its pattern component."""
 
     def __init__(
-        self,
-        spec: StoreSpec,
-        pattern: Pattern,
-        n_ctx: int,
-        shape: tuple[int, int, int, int],
-        like: torch.Tensor,
+        self, spec: StoreSpec, pattern: Pattern, n_ctx: int, base: int, device: torch.device
     ) -> None:
-        batch, n_heads, d_qk, d_v = shape
-        dev = like.device
         self.pattern, self.n_ctx, self.capacity = pattern, n_ctx, spec.capacity
-        self.n_heads, self.heads = n_heads, spec.heads
-        self.every_head = len(spec.heads) == n_heads
-        self.index = torch.tensor(spec.heads, dtype=torch.long, device=dev)  # (Hs,)
+        self.heads, self.base = spec.heads, base
+        self.index = torch.tensor(spec.heads, dtype=torch.long, device=device)  # (Hs,)
         self.h = self.index[:, None]  # (Hs, 1): head numbers for the predicates
-        self.local = torch.arange(len(spec.heads), device=dev)  # (Hs,)
-        self.slot_ids = torch.arange(spec.capacity, device=dev)  # (C,)
-        self.k = like.new_zeros(batch, len(spec.heads), spec.capacity, d_qk)
-        self.v = like.new_zeros(batch, len(spec.heads), spec.capacity, d_v)
+        self.first_row = (
+            base + spec.capacity * torch.arange(len(spec.heads), device=device)[:, None]
+        )
+        self.slot_ids = torch.arange(spec.capacity, device=device)  # (C,)
         self.setup()
 
     always_kept = True
     """Does every head of the store keep every position (not so for summary cells)?"""
+
+    @property
+    def rows(self) -> int:
+        """Rows of the layer's buffers the store takes (heads x capacity)."""
+        return len(self.heads) * self.capacity
+
+    @property
+    def width(self) -> int:
+        """Slots a query of each head reads from this store."""
+        return self.capacity
 
     # -- what subclasses define ----------------------------------------------------------------
     def setup(self) -> None:
@@ -165,51 +174,20 @@ class _Store:
         raise NotImplementedError
 
     # -- shared mechanics -------------------------------------------------------------------------
-    def heads_of(self, x: torch.Tensor) -> torch.Tensor:
-        """The rows of this store's heads of x (B, H, ...) -> (B, Hs, ...)."""
-        return x if self.every_head else x.index_select(1, self.index)
-
-    def to_all_heads(self, x: torch.Tensor, fill: float) -> torch.Tensor:
-        """x (B, Hs, ...) placed in the rows of its heads of (B, H, ...), ``fill`` elsewhere."""
-        if self.every_head:
-            return x
-        full = x.new_full((x.shape[0], self.n_heads, *x.shape[2:]), fill)
-        return full.index_copy(1, self.index, x)
-
-    def write_prompt(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep what later positions read of the prompt's keys/values (B, H, T, d) at 0 .. T-1
-        (eager: once per sequence)."""
-        t = k.shape[2]
-        slot, kept = self.slot(torch.arange(t, device=k.device), t - 1)
-        hs, ts = kept.expand(len(self.local), t).nonzero(as_tuple=True)
-        slots = slot.expand(len(self.local), t)[hs, ts]
-        self.k[:, hs, slots] = self.heads_of(k)[:, hs, ts]
-        self.v[:, hs, slots] = self.heads_of(v)[:, hs, ts]
-
-    def write_step(self, i: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep the keys/values (B, H, 1, d) of position i (1,): a head that does not keep
-        it writes its slot 0 back unchanged, so the shapes never depend on i."""
+    def write_rows(self, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, kept), both (Hs,): where each head writes position i (1,), and whether it
+        keeps it (a head that does not writes its slot 0 back unchanged)."""
         slot, kept = self.slot(i, i)  # (Hs or 1, 1)
-        if self.always_kept:
-            self.k.index_copy_(2, slot[0], self.heads_of(k))
-            self.v.index_copy_(2, slot[0], self.heads_of(v))
-            return
-        slot = torch.where(kept, slot, 0)[:, 0]  # (Hs,)
-        kept = kept[None, :, :]  # (1, Hs, 1)
-        for buf, new in ((self.k, k), (self.v, v)):
-            old = buf[:, self.local, slot]  # (B, Hs, d)
-            buf[:, self.local, slot] = torch.where(kept, self.heads_of(new)[:, :, 0], old)
+        slot = torch.where(kept, slot, 0)
+        return (self.first_row + slot)[:, 0], kept.expand(len(self.heads), 1)[:, 0]
 
-    def scores(
-        self, q: torch.Tensor, i: torch.Tensor, scale: float, compute: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked scores (B, Hs, S) of the query (B, H, 1, d_qk) at i, and the values read."""
+    def read(self, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, readable), both (Hs, S): the rows the query at i (1,) of each head reads,
+        and which of them it may read (held, and allowed by the pattern)."""
         p, valid, gather = self.held(i)
-        k, v = self.k, self.v
-        if gather is not None:
-            k, v = k.index_select(2, gather), v.index_select(2, gather)  # (B, Hs, S, d)
-        s = _dot(self.heads_of(q)[:, :, 0].to(compute), k.to(compute))  # (B, Hs, S)
-        return (s * scale).masked_fill(~(valid & self.allowed(i, p)), float("-inf")), v
+        slots = self.slot_ids if gather is None else gather
+        rows = self.first_row + slots  # (Hs, S)
+        return rows, (valid & self.allowed(i, p)).expand_as(rows)
 
 
 class _RingStore(_Store):
@@ -262,6 +240,12 @@ class _FullStore(_Store):
             self.band = torch.arange(-l, 1, device=self.h.device)  # i - l .. i
             self.column = l * torch.arange(math.ceil(self.n_ctx / l), device=self.h.device)
 
+    @property
+    def width(self) -> int:
+        if self.pattern.kind != "strided":
+            return self.capacity
+        return len(self.band) + len(self.column)
+
     def slot(self, p: torch.Tensor, last: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         return p[None, :], torch.ones_like(p, dtype=torch.bool)[None, :]
 
@@ -298,11 +282,27 @@ def _mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhs,bhsd->bhd", p, v)
 
 
+def _softmax(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim of scores with -inf where masked; all-masked rows give 0."""
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m))  # exp(-inf) = 0 when masked
+    denom = p.sum(-1, keepdim=True)
+    return p / torch.where(denom == 0, 1.0, denom)
+
+
 # -- layers and the model's cache -----------------------------------------------------------------
 
 
 class StaticLayerCache:
-    """The fixed-shape stores of one attention layer; ``pos`` is the position decoded next."""
+    """The fixed-shape stores of one attention layer; ``pos`` is the position decoded next.
+
+    The stores share one buffer ``kv`` (B, R, d_qk + d), a key and its value side by side
+    in each row, whose rows are the slots of every (store, head). A step writes each head's
+    new key and value with one ``index_copy_``, and every head reads ``width`` rows (its
+    stores' candidates side by side, padded with masked rows where heads read different
+    counts): one gather, one softmax and one weighted sum for the whole layer, whatever its
+    stores.
+    """
 
     def __init__(
         self,
@@ -312,9 +312,37 @@ class StaticLayerCache:
         pos: torch.Tensor,
         like: torch.Tensor,
     ) -> None:
+        batch, self.n_heads, d_qk, d_v = shape
         self.pattern, self.pos = pattern, pos
-        specs = plan_layer(pattern, n_ctx, shape[1])
-        self.stores = [_STORES[s.kind](s, pattern, n_ctx, shape, like) for s in specs]
+        self.stores: list[_Store] = []
+        rows = 0
+        for spec in plan_layer(pattern, n_ctx, self.n_heads):
+            self.stores.append(_STORES[spec.kind](spec, pattern, n_ctx, rows, like.device))
+            rows += self.stores[-1].rows
+        self.d_qk = d_qk
+        self.kv = like.new_zeros(batch, rows, d_qk + d_v)  # [key | value] per row
+        heads = [h for store in self.stores for h in store.heads]  # a head per written row
+        self.write_heads = torch.tensor(heads, dtype=torch.long, device=like.device)
+        self.always_kept = all(store.always_kept for store in self.stores)
+        self._plan_reads(like.device)
+
+    def _plan_reads(self, device: torch.device) -> None:
+        """Each store's columns in a head's row of reads: after the columns of the earlier
+        stores that hold the same heads, so a head's stores never overlap."""
+        used = [0] * self.n_heads
+        self.columns: list[int] = []
+        self.in_store: list[torch.Tensor] = []  # (H, 1): does head h read the store?
+        self.local: list[torch.Tensor] = []  # (H,): head h's row among the store's heads
+        for store in self.stores:
+            start = max(used[h] for h in store.heads)
+            for h in store.heads:
+                used[h] = start + store.width
+            self.columns.append(start)
+            member = [h in store.heads for h in range(self.n_heads)]
+            local = [store.heads.index(h) if m else 0 for h, m in enumerate(member)]
+            self.in_store.append(torch.tensor(member, device=device)[:, None])
+            self.local.append(torch.tensor(local, dtype=torch.long, device=device))
+        self.width = max(used)
 
     def attention(
         self,
@@ -327,12 +355,49 @@ class StaticLayerCache:
         """The layer's output (B, H, T, d). T > 1: the prompt at positions 0 .. T - 1 (by
         ``sparse``, eager); T = 1: one step at ``pos`` over the stores (compilable)."""
         if q.shape[2] > 1:
-            for store in self.stores:
-                store.write_prompt(k, v)
+            self.write_prompt(k, v)
             return sparse(q, k, v)
-        for store in self.stores:
-            store.write_step(self.pos, k, v)
+        self.write_step(self.pos, k, v)
         return self.attend(q, self.pos, scale)
+
+    def write_prompt(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep what later positions read of the prompt's keys/values (B, H, T, d) at 0 .. T-1
+        (eager: once per sequence)."""
+        t = k.shape[2]
+        for store in self.stores:
+            slot, kept = store.slot(torch.arange(t, device=k.device), t - 1)
+            hs, ts = kept.expand(len(store.heads), t).nonzero(as_tuple=True)
+            rows = (store.first_row + slot)[hs, ts]  # (N,)
+            heads = store.index[hs]
+            self.kv[:, rows] = torch.cat([k[:, heads, ts], v[:, heads, ts]], -1)
+
+    def write_step(self, i: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the keys/values (B, H, 1, d) of position i (1,): every head in each of its
+        stores, in one ``index_copy_`` (shapes never depend on i)."""
+        parts = [store.write_rows(i) for store in self.stores]
+        rows = torch.cat([r for r, _ in parts])  # (N,): distinct rows
+        new = torch.cat([k[:, :, 0], v[:, :, 0]], -1).index_select(1, self.write_heads)
+        if not self.always_kept:  # (B, N, d_qk + d)
+            kept = torch.cat([kept for _, kept in parts])[None, :, None]  # (1, N, 1)
+            new = torch.where(kept, new, self.kv.index_select(1, rows))
+        self.kv.index_copy_(1, rows, new)
+
+    def reads(self, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, readable), both (H, width): every head's reads over all of its stores."""
+        if len(self.stores) == 1 and len(self.stores[0].heads) == self.n_heads:
+            return self.stores[0].read(i)  # one store of every head (local, interleaved, ...)
+        rows = readable = None
+        for store, start, member, local in zip(
+            self.stores, self.columns, self.in_store, self.local, strict=True
+        ):
+            r, ok = store.read(i)  # (Hs, S)
+            pad = (start, self.width - start - store.width)
+            r = torch.nn.functional.pad(r.index_select(0, local), pad) * member
+            ok = torch.nn.functional.pad(ok.index_select(0, local), pad) & member
+            rows = r if rows is None else rows + r  # a (head, column) is one store's at most
+            readable = ok if readable is None else readable | ok
+        assert rows is not None and readable is not None
+        return rows, readable
 
     def attend(self, q: torch.Tensor, i: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of the query (B, H, 1, d_qk) at i (1,) over the stores -> (B, H, 1, d).
@@ -340,28 +405,16 @@ class StaticLayerCache:
         Rows with no readable key give zeros, as in ``ops.sparse_attention``.
         """
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        parts = [store.scores(q, i, scale, compute) for store in self.stores]
-        s = torch.cat(
-            [st.to_all_heads(sc, float("-inf")) for st, (sc, _) in zip(self.stores, parts)], -1
-        )  # (B, H, S): every store's slots side by side
-        m = s.amax(-1, keepdim=True)
-        p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m))  # exp(-inf) = 0 when masked
-        denom = p.sum(-1, keepdim=True)
-        p = p / torch.where(denom == 0, 1.0, denom)
-        out = None
-        start = 0
-        for store, (sc, v) in zip(self.stores, parts):
-            p_store = store.heads_of(p[..., start : start + sc.shape[-1]])  # (B, Hs, S)
-            start += sc.shape[-1]
-            o = _mix(p_store, v.to(compute))  # (B, Hs, d)
-            o = store.to_all_heads(o, 0.0)
-            out = o if out is None else out + o
-        assert out is not None
-        return out[:, :, None].to(q.dtype)  # (B, H, 1, d)
+        rows, readable = self.reads(i)  # (H, S)
+        kv = self.kv[:, rows]  # (B, H, S, d_qk + d): gathered
+        k, v = kv[..., : self.d_qk], kv[..., self.d_qk :]
+        s = _dot(q[:, :, 0].to(compute), k.to(compute)) * scale  # (B, H, S)
+        p = _softmax(s.masked_fill(~readable, float("-inf")))
+        return _mix(p, v.to(compute))[:, :, None].to(q.dtype)  # (B, H, 1, d)
 
     def nbytes(self) -> int:
         """Bytes of the keys and values held."""
-        return sum(t.numel() * t.element_size() for s in self.stores for t in (s.k, s.v))
+        return self.kv.numel() * self.kv.element_size()
 
 
 class StaticKVCache:
@@ -386,7 +439,7 @@ class StaticKVCache:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every buffer a step reads or writes (for ``torch._dynamo.mark_static_address``)."""
-        return [self.pos] + [t for layer in self.layers for s in layer.stores for t in (s.k, s.v)]
+        return [self.pos] + [layer.kv for layer in self.layers]
 
     def nbytes(self) -> int:
         """Bytes of keys and values over all layers."""
