@@ -21,9 +21,10 @@ recomputation, on the repository's own text. Sections (``--only`` picks some):
   after the first few.
 - ``determinism``: a killed-and-resumed run ends on the weights of an uninterrupted one,
   bitwise, under ``train.deterministic`` (``tiny``, fp16, ZeRO 1).
-- ``sampling``: every fast decoding mode (static cache, CUDA graphs, compiled) samples
-  the eager path's tokens for the same seed, without a host sync per step
-  (``benchmarks.sampling.sampling_check``); in this process, after everything else (a
+- ``sampling``: the decoding step's attention kernel (``ops.decode``) against fp64 in
+  fp16, bf16 and fp32, and every fast decoding mode (static cache, CUDA graphs,
+  compiled) samples the eager path's tokens for the same seed, without a host sync per
+  step (``benchmarks.sampling.sampling_check``); in this process, after everything else (a
   CUDA-graph capture must not share the GPU with another thread's launches).
 - ``default-resume`` (not run by default): the same comparison in the default mode,
   reported, with the attention launch configurations each run's autotuner chose.
@@ -407,8 +408,16 @@ def _check_backward(backward: str, *case, backend: str, env: Env):
 
 
 def section_sampling(report: Report, env: Env) -> None:
-    from sparse_transformer.benchmarks.sampling import sampling_check
+    import torch
 
+    from sparse_transformer.benchmarks.sampling import sampling_check
+    from sparse_transformer.ops import decode
+
+    start = time.monotonic()
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if env.gpu else (torch.float32,)
+    ok, message = decode.check(env.device, dtypes)
+    took = time.monotonic() - start
+    report.check("sampling: decode attention against fp64", ok, f"{message}, {took:.0f} s")
     start = time.monotonic()
     ok, message = sampling_check(env.device)
     took = time.monotonic() - start

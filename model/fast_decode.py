@@ -65,6 +65,8 @@ def static_decode(
     step over the cache, which ``torch.compile`` traces as one graph. ``blocks``: the
     model's blocks or compiled twins of them.
     """
+    if idx.shape[1] == 1:  # a step: the rows every layer reads at pos, once per pattern
+        cache.prepare()
     pos = cache.pos + torch.arange(idx.shape[1], device=idx.device)  # (T,)
     h = model.embed_at(idx, pos)  # (B, T, d)
     for block, layer in zip(model.blocks if blocks is None else blocks, cache.layers):
@@ -132,6 +134,9 @@ class StaticDecoder:
             self._blocks = [
                 torch.compile(block, fullgraph=True, dynamic=False) for block in model.blocks
             ]
+            self.cache.prepare = torch.compile(
+                self.cache.prepare_step, fullgraph=True, dynamic=False
+            )
 
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor a step reads or writes besides the model's parameters."""

@@ -43,6 +43,7 @@ import torch
 
 from sparse_transformer.model.config import SparseTransformerConfig
 from sparse_transformer.ops import Pattern
+from sparse_transformer.ops.decode import decode_attention
 
 StoreKind = Literal["ring", "summary", "full"]
 
@@ -265,31 +266,6 @@ class _FullStore(_Store):
 _STORES = {"ring": _RingStore, "summary": _SummaryStore, "full": _FullStore}
 
 
-# When traced by torch.compile the products are written as multiply-and-sum: Inductor makes
-# each one reduction that reads the fp16 keys/values and widens them in registers (a matmul
-# would first write an fp32 copy of the cache). Eager, einsum (a batched matmul) is faster.
-def _dot(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q (B, H, d) . k (B, H, S, d) -> (B, H, S)."""
-    if torch.compiler.is_compiling():
-        return (q[:, :, None, :] * k).sum(-1)
-    return torch.einsum("bhd,bhsd->bhs", q, k)
-
-
-def _mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """p (B, H, S) weights the values v (B, H, S, d) -> (B, H, d)."""
-    if torch.compiler.is_compiling():
-        return (p[..., None] * v).sum(-2)
-    return torch.einsum("bhs,bhsd->bhd", p, v)
-
-
-def _softmax(s: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim of scores with -inf where masked; all-masked rows give 0."""
-    m = s.amax(-1, keepdim=True)
-    p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m))  # exp(-inf) = 0 when masked
-    denom = p.sum(-1, keepdim=True)
-    return p / torch.where(denom == 0, 1.0, denom)
-
-
 # -- layers and the model's cache -----------------------------------------------------------------
 
 
@@ -325,6 +301,9 @@ class StaticLayerCache:
         self.write_heads = torch.tensor(heads, dtype=torch.long, device=like.device)
         self.always_kept = all(store.always_kept for store in self.stores)
         self._plan_reads(like.device)
+        self.prepared: tuple[torch.Tensor, torch.Tensor] | None = None
+        """(rows, readable) of the current step, filled by ``StaticKVCache.prepare_step``
+        for every layer of one plan at once; None: each step works them out."""
 
     def _plan_reads(self, device: torch.device) -> None:
         """Each store's columns in a head's row of reads: after the columns of the earlier
@@ -404,13 +383,9 @@ class StaticLayerCache:
 
         Rows with no readable key give zeros, as in ``ops.sparse_attention``.
         """
-        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        rows, readable = self.reads(i)  # (H, S)
-        kv = self.kv[:, rows]  # (B, H, S, d_qk + d): gathered
-        k, v = kv[..., : self.d_qk], kv[..., self.d_qk :]
-        s = _dot(q[:, :, 0].to(compute), k.to(compute)) * scale  # (B, H, S)
-        p = _softmax(s.masked_fill(~readable, float("-inf")))
-        return _mix(p, v.to(compute))[:, :, None].to(q.dtype)  # (B, H, 1, d)
+        rows, readable = self.reads(i) if self.prepared is None else self.prepared  # (H, S)
+        out = decode_attention(q[:, :, 0], self.kv, rows, readable, scale, self.d_qk)
+        return out[:, :, None]  # (B, H, 1, d)
 
     def nbytes(self) -> int:
         """Bytes of the keys and values held."""
@@ -436,10 +411,30 @@ class StaticKVCache:
             StaticLayerCache(cfg.pattern_for(layer), cfg.n_ctx, shape, self.pos, like)
             for layer in range(cfg.n_layers)
         ]
+        self.plans: dict[Pattern, StaticLayerCache] = {}  # a layer of each pattern
+        for layer in self.layers:
+            first = self.plans.setdefault(layer.pattern, layer)
+            if first is layer:
+                rows = torch.zeros(cfg.n_heads, layer.width, dtype=torch.long, device=device)
+                layer.prepared = (rows, torch.zeros_like(rows, dtype=torch.bool))
+            layer.prepared = first.prepared  # layers of one pattern read the same rows
+        self.prepare: Callable[[], None] = self.prepare_step
+        """What ``fast_decode.static_decode`` calls before a step (a compiled twin of
+        :meth:`prepare_step` where the decoder compiles)."""
+
+    def prepare_step(self) -> None:
+        """Work out the rows each head reads at ``pos``, and which it may read, once per
+        pattern for all of its layers (in place: their addresses never change)."""
+        for layer in self.plans.values():
+            rows, readable = layer.reads(self.pos)
+            assert layer.prepared is not None
+            layer.prepared[0].copy_(rows)
+            layer.prepared[1].copy_(readable)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every buffer a step reads or writes (for ``torch._dynamo.mark_static_address``)."""
-        return [self.pos] + [layer.kv for layer in self.layers]
+        prepared = [t for layer in self.plans.values() for t in layer.prepared or ()]
+        return [self.pos, *prepared] + [layer.kv for layer in self.layers]
 
     def nbytes(self) -> int:
         """Bytes of keys and values over all layers."""

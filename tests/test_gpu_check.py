@@ -42,6 +42,7 @@ def test_gpu_check_cpu_smoke_passes(tmp_path: Path) -> None:
         "enwik8: eval reads the last checkpoint on cpu",
         "enwik8: sample reads the last checkpoint on cpu",
         "determinism: train.deterministic: resumed == uninterrupted, bitwise",
+        "sampling: decode attention against fp64",
         "sampling: fast decoding gives the eager tokens",
     ):
         assert name in checks, (name, lines)

@@ -1,0 +1,54 @@
+"""Run the decoding attention kernel (``ops/decode_triton.py``) under TRITON_INTERPRET=1.
+
+Executed in a subprocess by tests/test_decode_attention.py (the interpreter is chosen
+when Triton's kernels are defined). Prints one JSON line per part: the kernel against
+fp64 in three dtypes, the fast decoding modes through the kernel against the eager
+path's tokens, and a compiled step that calls the kernel as an opaque op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+assert os.environ.get("TRITON_INTERPRET") == "1"
+
+import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+from sparse_transformer.benchmarks.sampling import sampling_check  # noqa: E402
+from sparse_transformer.model import SparseTransformer, SparseTransformerConfig, generate  # noqa: E402
+from sparse_transformer.ops import decode  # noqa: E402
+
+
+def compiled_step() -> dict:
+    """compile-blocks on a strided multihead model: the eager tokens, the kernel in the graph."""
+    cfg = SparseTransformerConfig(
+        n_layers=2, d_model=32, n_heads=2, ff_mult=2, qk_mult=0.5, n_ctx=64,
+        pattern="strided", stride=8, head_mode="multihead", block_q=16, block_k=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = SparseTransformer(cfg).eval()
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 0.5)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5))
+    counters.clear()
+    fast = generate(model, prompt, 20, temperature=1.0, generator=3, fast="compile-blocks")
+    eager = generate(model, prompt, 20, temperature=1.0, generator=3)
+    return {
+        "same_tokens": bool(torch.equal(fast, eager)),
+        "graph_breaks": len(counters["graph_break"]),
+    }
+
+
+def main() -> None:
+    assert decode.uses_kernel(torch.zeros(1, 1, 2))
+    ok, message = decode.check("cpu", (torch.float32, torch.float16, torch.bfloat16))
+    print(json.dumps({"part": "check", "ok": ok, "message": message}))
+    ok, message = sampling_check("cpu")
+    print(json.dumps({"part": "sampling", "ok": ok, "message": message}))
+    print(json.dumps({"part": "compiled", **compiled_step()}))
+
+
+if __name__ == "__main__":
+    main()
