@@ -43,6 +43,7 @@ def compiled_step() -> dict:
 
 def main() -> None:
     assert decode.uses_kernel(torch.zeros(1, 1, 2))
+    decode.KERNEL_MIN_ROWS = 0  # the tiny models' few rows through the kernel too
     ok, message = decode.check("cpu", (torch.float32, torch.float16, torch.bfloat16))
     print(json.dumps({"part": "check", "ok": ok, "message": message}))
     ok, message = sampling_check("cpu")

@@ -64,6 +64,15 @@ def test_shapes_are_checked():
         decode.decode_attention(q, kv, rows, readable[:, :4], 1.0, 4)
 
 
+def test_the_kernel_is_asked_for_only_where_it_runs():
+    q, kv, rows, readable = decode.check_inputs((1, 2, 8, 4, 4, 16), torch.float32, "cpu")
+    assert not decode.uses_kernel(kv)  # the CPU, no interpreter
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        decode.decode_attention(q, kv, rows, readable, 1.0, 4, kernel=True)
+    expect = decode.decode_attention_ref(q, kv, rows, readable, 1.0, 4)
+    assert torch.equal(decode.decode_attention(q, kv, rows, readable, 1.0, 4), expect)
+
+
 def test_check_passes_on_the_cpu():
     ok, message = decode.check("cpu", (torch.float32, torch.float16))
     assert ok, message
