@@ -300,45 +300,73 @@ def main(argv: list[str] | None = None) -> int:
 def sampling_check(device: str = "cuda") -> tuple[bool, str]:
     """fp32 on ``device``: every fast mode samples the eager path's tokens for the same
     seed (fixed merged, strided multihead and fixed interleaved, 2 layers), and on CUDA
-    its steps do not synchronise with the host. Off CUDA only the ``static`` mode runs
-    (the CUDA-graph modes need CUDA; tests/test_fast_sampling.py compiles on the CPU)."""
-    from sparse_transformer.model import SparseTransformerConfig
+    its steps do not synchronise with the host. Where the decoding kernel can run
+    (``ops.decode``), every mode runs twice: as chosen (these tiny heads read too few rows
+    for the kernel) and with the kernel at every layer. Off CUDA only the ``static`` mode
+    runs (the CUDA-graph modes need CUDA; tests/test_fast_sampling.py compiles on the CPU)."""
+    from sparse_transformer.ops import decode
 
     if device == "cuda" and not torch.cuda.is_available():
         return False, "no CUDA device"
     dev = torch.device(device, 0) if device == "cuda" else torch.device(device)
     modes = ("static", "graph", "compile-blocks", "compile") if dev.type == "cuda" else ("static",)
+    kernel = decode.uses_kernel(torch.empty(0, device=dev))
     problems, checked = [], 0
-    for pattern, mode in (("fixed", "merged"), ("strided", "multihead"), ("fixed", "interleaved")):
-        cfg = SparseTransformerConfig(
-            n_layers=2, d_model=64, n_heads=4, ff_mult=2, qk_mult=0.5, n_ctx=256,
-            pattern=pattern, stride=16, summary=4, head_mode=mode, block_q=16, block_k=16,
-        )  # fmt: skip
-        torch.manual_seed(0)
-        model = SparseTransformer(cfg).to(dev).eval()
-        with torch.no_grad():  # untrained logits are 0: give the output matrix weights
-            model.head.weight.normal_(0.0, 0.5)
-        g = torch.Generator(device=dev).manual_seed(1)
-        prompt = torch.randint(0, cfg.vocab_size, (2, 24), device=dev, generator=g)
-        sampling = dict(temperature=1.0, top_p=0.9)
-        eager = generate(model, prompt, 64, **sampling, generator=7)
-        for fast in modes:
-            label = f"{pattern}-{mode} {fast}"
-            try:
-                tokens = generate(model, prompt, 64, **sampling, generator=7, fast=fast)
-                synced = sync_free(model, prompt, fast, **sampling)
-            except Exception as err:  # noqa: BLE001 - reported
-                problems.append(f"{label}: {err!r}"[:300])
-                continue
-            checked += 1
-            if not torch.equal(tokens, eager):
-                problems.append(f"{label}: tokens differ from the eager path's")
-            if synced not in (True, None):  # None: not on CUDA, nothing to check
-                problems.append(f"{label}: a step synchronises: {synced}")
+    chosen = decode.KERNEL_MIN_ROWS
+    try:
+        for min_rows in (chosen, 0) if kernel else (chosen,):
+            decode.KERNEL_MIN_ROWS = min_rows  # read when a step is traced: new models
+            for pattern, mode in _CHECK_PATTERNS:
+                found, n = _check_modes(
+                    pattern, mode, dev, modes, "kernel " if not min_rows else ""
+                )
+                problems += found
+                checked += n
+    finally:
+        decode.KERNEL_MIN_ROWS = chosen
     if problems:
         return False, "; ".join(problems)
     synced = "no host sync per step" if dev.type == "cuda" else "syncs not checked off CUDA"
-    return True, f"{checked} fast runs ({', '.join(modes)}): the eager path's tokens; {synced}"
+    how = ", as chosen and with the kernel everywhere" if kernel else ""
+    return True, f"{checked} fast runs ({', '.join(modes)}{how}): the eager path's tokens; {synced}"
+
+
+_CHECK_PATTERNS = (("fixed", "merged"), ("strided", "multihead"), ("fixed", "interleaved"))
+
+
+def _check_modes(
+    pattern: str, mode: str, dev: torch.device, modes: tuple[str, ...], label: str
+) -> tuple[list[str], int]:
+    """One tiny model of the pattern: (problems, fast runs checked) over ``modes``."""
+    from sparse_transformer.model import SparseTransformerConfig
+
+    cfg = SparseTransformerConfig(
+        n_layers=2, d_model=64, n_heads=4, ff_mult=2, qk_mult=0.5, n_ctx=256,
+        pattern=pattern, stride=16, summary=4, head_mode=mode, block_q=16, block_k=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = SparseTransformer(cfg).to(dev).eval()
+    with torch.no_grad():  # untrained logits are 0: give the output matrix weights
+        model.head.weight.normal_(0.0, 0.5)
+    g = torch.Generator(device=dev).manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 24), device=dev, generator=g)
+    sampling = dict(temperature=1.0, top_p=0.9)
+    eager = generate(model, prompt, 64, **sampling, generator=7)
+    problems, checked = [], 0
+    for fast in modes:
+        name = f"{label}{pattern}-{mode} {fast}"
+        try:
+            tokens = generate(model, prompt, 64, **sampling, generator=7, fast=fast)
+            synced = sync_free(model, prompt, fast, **sampling)
+        except Exception as err:  # noqa: BLE001 - reported
+            problems.append(f"{name}: {err!r}"[:300])
+            continue
+        checked += 1
+        if not torch.equal(tokens, eager):
+            problems.append(f"{name}: tokens differ from the eager path's")
+        if synced not in (True, None):  # None: not on CUDA, nothing to check
+            problems.append(f"{name}: a step synchronises: {synced}")
+    return problems, checked
 
 
 if __name__ == "__main__":

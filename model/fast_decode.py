@@ -20,7 +20,8 @@ Modes (:data:`FAST_MODES`):
 - ``graph``: the eager step captured in one ``torch.cuda.CUDAGraph`` and replayed
   (CUDA only): no compile time, but no fused kernels either.
 - ``compile-blocks``: every block through ``torch.compile`` (default mode; blocks
-  with one pattern share a graph, so compile time does not grow with depth), and on
+  with one pattern share a graph, so compile time does not grow with depth; the
+  step's reads, ``StaticKVCache.prepare_step``, are one more graph), and on
   CUDA the whole step captured in one CUDA graph (the CUDA default: as fast as
   ``compile`` on the H200, set up in seconds).
 """
@@ -57,16 +58,18 @@ def static_decode(
     idx: torch.Tensor,
     cache: StaticKVCache,
     blocks: Sequence[nn.Module] | None = None,
+    prepare: Callable[[StaticKVCache], None] | None = None,
 ) -> torch.Tensor:
     """Logits (B, T, vocab) of the tokens idx (B, T) at positions pos .. pos + T - 1,
     keeping their keys and values in ``cache`` (``cache.pos`` is left as it is).
 
     T > 1 is the prompt (pos must be 0): one sparse forward pass, eager. T = 1 is one
-    step over the cache, which ``torch.compile`` traces as one graph. ``blocks``: the
-    model's blocks or compiled twins of them.
+    step over the cache, which ``torch.compile`` can trace as one graph. ``blocks``: the
+    model's blocks or compiled twins of them; ``prepare``: a compiled twin of
+    ``StaticKVCache.prepare_step``, which a step runs first.
     """
     if idx.shape[1] == 1:  # a step: the rows every layer reads at pos, once per pattern
-        cache.prepare()
+        (prepare or StaticKVCache.prepare_step)(cache)
     pos = cache.pos + torch.arange(idx.shape[1], device=idx.device)  # (T,)
     h = model.embed_at(idx, pos)  # (B, T, d)
     for block, layer in zip(model.blocks if blocks is None else blocks, cache.layers):
@@ -80,13 +83,15 @@ def _step(
     tokens: torch.Tensor,
     noise: torch.Tensor,
     blocks: Sequence[nn.Module],
+    prepare: Callable[[StaticKVCache], None] | None,
     temperature: float,
     top_p: float,
 ) -> None:
     """One decoding step at pos: the token there in, the next token sampled into ``tokens``,
     pos + 1. Tensors only: nothing on the host depends on the position."""
     pos = cache.pos
-    logits = static_decode(model, tokens.index_select(1, pos), cache, blocks)[:, -1]  # (B, V)
+    token_in = tokens.index_select(1, pos)
+    logits = static_decode(model, token_in, cache, blocks, prepare)[:, -1]  # (B, V)
     token = sample_with_noise(logits, noise, temperature=temperature, top_p=top_p)  # (B, 1)
     tokens.index_copy_(1, pos + 1, token)
     pos.add_(1)
@@ -122,6 +127,7 @@ class StaticDecoder:
         self._cuda = weight.device.type == "cuda"
         self._graph: torch.cuda.CUDAGraph | None = None
         self._blocks: list[nn.Module] | None = None
+        self._prepare: Callable[[StaticKVCache], None] | None = None  # compiled, or None
         self._run: Callable[..., None] = _step
         if mode == "compile":
             _raise_recompile_limit()
@@ -134,8 +140,8 @@ class StaticDecoder:
             self._blocks = [
                 torch.compile(block, fullgraph=True, dynamic=False) for block in model.blocks
             ]
-            self.cache.prepare = torch.compile(
-                self.cache.prepare_step, fullgraph=True, dynamic=False
+            self._prepare = torch.compile(  # unbound: the cache holds no cycle to itself
+                StaticKVCache.prepare_step, fullgraph=True, dynamic=False
             )
 
     def buffers(self) -> list[torch.Tensor]:
@@ -180,7 +186,10 @@ class StaticDecoder:
 
     def _call(self, model: SparseTransformer) -> None:
         blocks = model.blocks if self._blocks is None else self._blocks
-        self._run(model, self.cache, self.tokens, self.noise, blocks, self.temperature, self.top_p)
+        self._run(
+            model, self.cache, self.tokens, self.noise, blocks, self._prepare,
+            self.temperature, self.top_p,
+        )  # fmt: skip
 
     def _capture(self, model: SparseTransformer) -> torch.cuda.CUDAGraph:
         """The step as one CUDA graph. A warm-up step first (lazy initialisation, the blocks'

@@ -303,7 +303,8 @@ class StaticLayerCache:
         self._plan_reads(like.device)
         self.prepared: tuple[torch.Tensor, torch.Tensor] | None = None
         """(rows, readable) of the current step, filled by ``StaticKVCache.prepare_step``
-        for every layer of one plan at once; None: each step works them out."""
+        for every layer of one pattern at once (which must run before each step); None (a
+        layer on its own): each step works them out."""
 
     def _plan_reads(self, device: torch.device) -> None:
         """Each store's columns in a head's row of reads: after the columns of the earlier
@@ -418,13 +419,13 @@ class StaticKVCache:
                 rows = torch.zeros(cfg.n_heads, layer.width, dtype=torch.long, device=device)
                 layer.prepared = (rows, torch.zeros_like(rows, dtype=torch.bool))
             layer.prepared = first.prepared  # layers of one pattern read the same rows
-        self.prepare: Callable[[], None] = self.prepare_step
-        """What ``fast_decode.static_decode`` calls before a step (a compiled twin of
-        :meth:`prepare_step` where the decoder compiles)."""
 
     def prepare_step(self) -> None:
         """Work out the rows each head reads at ``pos``, and which it may read, once per
-        pattern for all of its layers (in place: their addresses never change)."""
+        pattern for all of its layers (in place: their addresses never change).
+
+        Every decoding step (T = 1) must come after it: the layers read these rows, not
+        their own (``fast_decode.static_decode`` calls it)."""
         for layer in self.plans.values():
             rows, readable = layer.reads(self.pos)
             assert layer.prepared is not None

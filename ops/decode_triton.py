@@ -82,7 +82,8 @@ def launch(
     d_qk: int,
 ) -> torch.Tensor:
     """Run ``_decode_kernel``: q (B, H, d_qk), kv (B, R, d_qk + d_v), rows and readable
-    (H, S) -> (B, H, d_v). Rows and kv must be contiguous in their last dim."""
+    (H, S) -> (B, H, d_v). Inputs that are not contiguous are copied first (the static
+    cache's are)."""
     batch, heads, _ = q.shape
     d_v = kv.shape[2] - d_qk
     out = q.new_empty(batch, heads, d_v)

@@ -2,8 +2,9 @@
 
 Executed in a subprocess by tests/test_decode_attention.py (the interpreter is chosen
 when Triton's kernels are defined). Prints one JSON line per part: the kernel against
-fp64 in three dtypes, the fast decoding modes through the kernel against the eager
-path's tokens, and a compiled step that calls the kernel as an opaque op.
+fp64 in three dtypes, ``sampling_check`` (its kernel pass included) against the eager
+path's tokens, and a compiled step that calls the kernel as an opaque op; each with
+the kernel's launches counted.
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ from torch._dynamo.utils import counters  # noqa: E402
 
 from sparse_transformer.benchmarks.sampling import sampling_check  # noqa: E402
 from sparse_transformer.model import SparseTransformer, SparseTransformerConfig, generate  # noqa: E402
-from sparse_transformer.ops import decode  # noqa: E402
+from sparse_transformer.ops import decode, decode_triton  # noqa: E402
+
+LAUNCHES = [0]
+_launch = decode_triton.launch
+
+
+def _counted(*args):
+    LAUNCHES[0] += 1
+    return _launch(*args)
+
+
+decode_triton.launch = _counted  # did the kernel run (not the reference)?
 
 
 def compiled_step() -> dict:
@@ -33,21 +45,26 @@ def compiled_step() -> dict:
         model.head.weight.normal_(0.0, 0.5)
     prompt = torch.randint(0, cfg.vocab_size, (2, 5))
     counters.clear()
+    before = LAUNCHES[0]
     fast = generate(model, prompt, 20, temperature=1.0, generator=3, fast="compile-blocks")
+    launched = LAUNCHES[0] - before  # 2 layers x 19 steps through the compiled op
     eager = generate(model, prompt, 20, temperature=1.0, generator=3)
     return {
         "same_tokens": bool(torch.equal(fast, eager)),
         "graph_breaks": len(counters["graph_break"]),
+        "launches": launched,
     }
 
 
 def main() -> None:
     assert decode.uses_kernel(torch.zeros(1, 1, 2))
-    decode.KERNEL_MIN_ROWS = 0  # the tiny models' few rows through the kernel too
     ok, message = decode.check("cpu", (torch.float32, torch.float16, torch.bfloat16))
     print(json.dumps({"part": "check", "ok": ok, "message": message}))
+    before = LAUNCHES[0]
     ok, message = sampling_check("cpu")
-    print(json.dumps({"part": "sampling", "ok": ok, "message": message}))
+    launched = LAUNCHES[0] - before
+    print(json.dumps({"part": "sampling", "ok": ok, "message": message, "launches": launched}))
+    decode.KERNEL_MIN_ROWS = 0  # the tiny model's few rows through the kernel too
     print(json.dumps({"part": "compiled", **compiled_step()}))
 
 

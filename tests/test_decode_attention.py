@@ -62,6 +62,8 @@ def test_shapes_are_checked():
         decode.decode_attention(q, kv, rows, readable, 1.0, 3)
     with pytest.raises(ValueError, match=r"must both be \(H, S\)"):
         decode.decode_attention(q, kv, rows, readable[:, :4], 1.0, 4)
+    with pytest.raises(ValueError, match="readable bool"):
+        decode.decode_attention(q, kv, rows, readable.float(), 1.0, 4)
 
 
 def test_the_kernel_is_asked_for_only_where_it_runs():
@@ -71,11 +73,6 @@ def test_the_kernel_is_asked_for_only_where_it_runs():
         decode.decode_attention(q, kv, rows, readable, 1.0, 4, kernel=True)
     expect = decode.decode_attention_ref(q, kv, rows, readable, 1.0, 4)
     assert torch.equal(decode.decode_attention(q, kv, rows, readable, 1.0, 4), expect)
-
-
-def test_check_passes_on_the_cpu():
-    ok, message = decode.check("cpu", (torch.float32, torch.float16))
-    assert ok, message
 
 
 @pytest.mark.slow
@@ -89,8 +86,10 @@ def test_kernel_in_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     parts = {r["part"]: r for r in map(json.loads, proc.stdout.splitlines()) if "part" in r}
     assert parts["check"]["ok"] and parts["check"]["message"].startswith("Triton kernel"), parts
-    assert parts["sampling"]["ok"], parts["sampling"]
-    assert parts["compiled"] == {"part": "compiled", "same_tokens": True, "graph_breaks": 0}
+    assert parts["sampling"]["ok"] and parts["sampling"]["launches"] > 0, parts["sampling"]
+    compiled = parts["compiled"]
+    assert compiled["same_tokens"] and compiled["graph_breaks"] == 0, compiled
+    assert compiled["launches"] == 2 * 19, compiled  # every layer of every step
 
 
 @pytest.mark.gpu

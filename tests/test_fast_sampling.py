@@ -281,3 +281,20 @@ def test_sample_command_with_fast_writes_the_same_text(tmp_path, capsys):
     assert printed[0].startswith("The ") and printed[1] == printed[0] and printed[2] == printed[0]
     assert main([*args, "--fast", "fastest"]) == 2
     assert "unknown mode 'fastest'" in capsys.readouterr().err
+
+
+def test_a_dropped_decoder_frees_its_cache_without_the_garbage_collector():
+    """No reference cycle holds a cache's buffers (GBs on a GPU) until a collection runs."""
+    import gc
+    import weakref
+
+    model = build(small_config("fixed", "merged"), dtype=torch.float32)
+    gc.disable()
+    try:
+        decoder = StaticDecoder(model, 2, mode="compile-blocks")
+        cache = weakref.ref(decoder.cache)
+        kv = weakref.ref(decoder.cache.layers[0].kv)
+        del decoder
+        assert cache() is None and kv() is None
+    finally:
+        gc.enable()
