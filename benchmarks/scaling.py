@@ -117,6 +117,15 @@ class Settings:
 # -- the plan -------------------------------------------------------------------------------
 
 
+def measured_as_planned(row: dict[str, Any], spec: Spec, s: Settings) -> bool:
+    """Was ``row`` (a run of ``spec``'s key) measured with the steps and dropout this
+    command would run ``spec`` with? (The key names neither.) As ``run_spec`` records them."""
+    from sparse_transformer.distributed.config import load_config
+
+    cfg = load_config(spec.config, overrides(spec, s))
+    return row.get("steps") == cfg.train.steps and row.get("dropout") == cfg.model.dropout
+
+
 def config_dropout(name: str, dropout: float | None) -> float:
     from sparse_transformer.model import load_model_config
 
@@ -593,13 +602,15 @@ def run_plan(
     from sparse_transformer.distributed.trainer import init_ray
 
     start, skipped, ran = time.time(), [], []
-    done = {r["key"] for r in rows if "error" not in r}
+    done = {r["key"]: r for r in rows if "error" not in r}
     instance = init_ray(load_config(specs[0].config, overrides(specs[0], s)))
     try:
         for spec in specs:
-            if spec.key in done:
+            if spec.key in done and measured_as_planned(done[spec.key], spec, s):
                 log(f"{spec.key}: measured before ({path}; --fresh measures again)")
                 continue
+            if spec.key in done:
+                log(f"{spec.key}: measured before with other steps or dropout: measuring again")
             if args.budget_s and time.time() - start + estimate(spec, rows) > args.budget_s:
                 log(f"{spec.key}: skipped (would not fit --budget-s {args.budget_s:g})")
                 skipped.append(spec.key)

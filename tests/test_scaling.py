@@ -70,3 +70,20 @@ def test_a_later_command_without_memory_keeps_the_memory_table(tmp_path: Path) -
     assert second["commands"] == ["first", "second"]
     after = scaling.save(tmp_path / "s.json", [row], second)
     assert [m["peak_memory_bytes"] for m in after["memory"]] == [123]
+
+
+def test_a_row_counts_as_measured_only_with_this_commands_steps_and_dropout(tmp_path) -> None:
+    """The run key names neither the steps nor the dropout: a later command with another
+    --steps (or a no-dropout loss-match run) measures again instead of keeping the row."""
+    urls = {"enwik8": f"file://{tmp_path}/data"}
+    s = scaling.Settings(tmp_path, steps=30, log_every=5, recovery_steps=40, urls=urls)
+    spec = scaling.Spec("scaling", "enwik8", 1, 2, 8)
+    no_dropout = scaling.Spec("loss-n", "enwik8", 1, 2, 8, dropout=0.0)
+    dropout = scaling.config_dropout("enwik8", None)
+    assert dropout > 0  # enwik8 trains with dropout: the two specs differ only there
+    row = {"steps": 30, "dropout": dropout}
+    assert scaling.measured_as_planned(row, spec, s)
+    assert not scaling.measured_as_planned({**row, "steps": 20}, spec, s)
+    assert not scaling.measured_as_planned(row, no_dropout, s)
+    recovery = scaling.Spec("recovery", "enwik8", 1, 2, 8)
+    assert scaling.measured_as_planned({**row, "steps": 40}, recovery, s)
