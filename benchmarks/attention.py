@@ -208,7 +208,7 @@ def measure_ours(name: str, q, k, v, dout) -> tuple[dict, BlockLayout]:
     kind, mode, heads, d, n, l, c, batch, blocks = CONFIGS[name]
     pattern = pattern_for_layer(kind, mode=mode, layer=0, n_heads=heads, stride=l, summary=c)
     layouts = {b: compile_layout(pattern, n, heads, *b, device="cuda") for b in blocks}
-    runs = {}
+    runs, found = {}, triton_attention.BACKWARD
     try:
         for backward in BACKWARDS:
             triton_attention.BACKWARD = backward
@@ -222,7 +222,7 @@ def measure_ours(name: str, q, k, v, dout) -> tuple[dict, BlockLayout]:
         attn = _ours(layouts[best["shape"]])
         best["profile"] = profile(_fwd_bwd(attn, q, k, v, dout))
     finally:
-        triton_attention.BACKWARD = BACKWARDS[0]
+        triton_attention.BACKWARD = found  # what the caller had set
     best["by_backward"] = {
         backward: {key: _best(m)[key] for key in ("block", "fwd_ms", "fwd_bwd_ms")}
         for backward in BACKWARDS
