@@ -138,7 +138,10 @@ def prepare_data(fashion_train: int = 14000) -> dict[str, str]:
     src = fashion_subset(
         FASHION_DIR, DATA_DIR.parent / "reproduce-src" / "fashion-mnist", fashion_train
     )
-    prepare("fashion-mnist", urls["image"], path=str(src), splits=splits)
+    prepare(  # the subset's last FASHION_VALIDATION images are the validation split
+        "fashion-mnist", urls["image"], path=str(src), splits=splits,
+        validation_size=FASHION_VALIDATION,
+    )  # fmt: skip
     for pair, url in urls.items():
         size = sum(p.stat().st_size for p in Path(local_path(url)).rglob("*") if p.is_file())
         log(f"{pair}: {url} ({size / 2**20:.1f} MiB)")
