@@ -3,7 +3,9 @@
     python -m sparse_transformer.benchmarks.gpu_check --json benchmarks/results/gpu_check.json
 
 On one CUDA GPU it prints ``PASS``, ``FAIL`` or ``INFO`` and a name and detail per
-check, then ``N passed, M failed``; it exits 0 only when every check passed. One local
+check, then ``N passed, M failed``; it exits 0 only when every check passed (its work
+dir of runs and data is then removed; after a failure, or with ``--keep-work``, it is
+kept and named). One local
 Ray instance (dashboard on, Prometheus endpoint on 127.0.0.1) carries every training
 run, all through Ray Train + DeepSpeed in fp16 with dynamic loss scaling and block
 recomputation, on the repository's own text. Sections (``--only`` picks some):
@@ -42,6 +44,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 import sys
 import tempfile
 import threading
@@ -622,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--json", default="", help="write the checks as JSON here")
     p.add_argument("--cpu-smoke", action="store_true", help="the plumbing on the CPU (fp32)")
+    p.add_argument(
+        "--keep-work", action="store_true", help="keep the work dir (runs, data) after a pass"
+    )
     args = p.parse_args(argv)
     sections = [s for s in args.only.split(",") if s]
     unknown = set(sections) - set(SECTIONS)
@@ -683,7 +689,12 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(
             json.dumps({"device": device, "summary": summary, "checks": report.rows}, indent=1)
         )
-    return 0 if report.failed == 0 and report.passed > 0 else 1
+    ok = report.failed == 0 and report.passed > 0
+    if ok and not args.keep_work:  # tens of MB of runs and data a time
+        shutil.rmtree(env.work, ignore_errors=True)
+    else:
+        print(f"work dir kept: {env.work}", flush=True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

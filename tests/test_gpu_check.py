@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +34,7 @@ def test_gpu_check_cpu_smoke_passes(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     checks = [r["check"] for r in report["checks"] if r["status"] == "PASS"]
     assert report["summary"].endswith(" passed, 0 failed")
+    assert not _work_dir(proc.stdout).exists()  # removed after a pass
     for name in (
         "kernels",
         "ray: the dashboard starts",
@@ -46,3 +49,22 @@ def test_gpu_check_cpu_smoke_passes(tmp_path: Path) -> None:
         "sampling: fast decoding gives the eager tokens",
     ):
         assert name in checks, (name, lines)
+
+
+def _work_dir(stdout: str) -> Path:
+    info = next(x for x in stdout.splitlines() if x.startswith("INFO device"))
+    return Path(re.search(r"work dir (\S+)", info).group(1))
+
+
+def test_keep_work_keeps_the_work_dir() -> None:
+    cmd = [
+        sys.executable, "-m", "sparse_transformer.benchmarks.gpu_check", "--cpu-smoke",
+        "--only", "sampling", "--keep-work",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    work = _work_dir(proc.stdout)
+    try:
+        assert work.is_dir() and f"work dir kept: {work}" in proc.stdout
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
