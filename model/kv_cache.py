@@ -39,6 +39,7 @@ from collections.abc import Callable
 import torch
 
 from sparse_transformer.ops import Pattern
+from sparse_transformer.ops.decode import masked_softmax
 
 
 class _Store:
@@ -255,11 +256,7 @@ class LayerKVCache:
         allowed = torch.cat([p[2] for p in parts], dim=1)  # (H, S)
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         s = torch.einsum("bhd,bhsd->bhs", q[:, :, 0].to(compute), k.to(compute)) * scale
-        s = s.masked_fill(~allowed, float("-inf"))  # (B, H, S)
-        m = s.amax(-1, keepdim=True)
-        p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m))  # exp(-inf) = 0 when masked
-        denom = p.sum(-1, keepdim=True)
-        p = p / torch.where(denom == 0, 1.0, denom)
+        p = masked_softmax(s.masked_fill(~allowed, float("-inf")))  # (B, H, S)
         out = torch.einsum("bhs,bhsd->bhd", p, v.to(compute))  # (B, H, d)
         return out[:, :, None].to(q.dtype)  # (B, H, 1, d)
 

@@ -67,7 +67,7 @@ def _mix(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhs,bhsd->bhd", p, v)
 
 
-def _softmax(s: torch.Tensor) -> torch.Tensor:
+def masked_softmax(s: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim of scores with -inf where masked; all-masked rows give 0."""
     m = s.amax(-1, keepdim=True)
     p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m))  # exp(-inf) = 0 when masked
@@ -92,7 +92,7 @@ def decode_attention_ref(
     gathered = kv[:, rows]  # (B, H, S, d_qk + d_v)
     k, v = gathered[..., :d_qk], gathered[..., d_qk:]
     s = _dot(q.to(compute), k.to(compute)) * scale  # (B, H, S)
-    p = _softmax(s.masked_fill(~readable, float("-inf")))
+    p = masked_softmax(s.masked_fill(~readable, float("-inf")))
     return _mix(p, v.to(compute)).to(q.dtype)
 
 

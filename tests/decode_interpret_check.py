@@ -33,43 +33,26 @@ def _counted(*args):
 decode_triton.launch = _counted  # did the kernel run (not the reference)?
 
 
-def static_steps() -> dict:
-    """The static mode on a fixed merged model (a ring and a summary store per head, one
-    softmax over both): the eager tokens, every step through the kernel."""
+def decode_tokens(pattern: str, mode: str, fast: str) -> dict:
+    """A tiny model of the pattern decoded by ``fast``: does it give the eager path's
+    tokens, how many kernel launches, how many graph breaks."""
     cfg = SparseTransformerConfig(
         n_layers=2, d_model=32, n_heads=2, ff_mult=2, qk_mult=0.5, n_ctx=64,
-        pattern="fixed", stride=8, summary=2, head_mode="merged", block_q=16, block_k=16,
+        pattern=pattern, stride=8, summary=2, head_mode=mode, block_q=16, block_k=16,
     )  # fmt: skip
     torch.manual_seed(0)
     model = SparseTransformer(cfg).eval()
     with torch.no_grad():
         model.head.weight.normal_(0.0, 0.5)
     prompt = torch.randint(0, cfg.vocab_size, (2, 5))
-    before = LAUNCHES[0]
-    fast = generate(model, prompt, 20, temperature=1.0, top_p=0.9, generator=4, fast="static")
-    launched = LAUNCHES[0] - before
-    eager = generate(model, prompt, 20, temperature=1.0, top_p=0.9, generator=4)
-    return {"same_tokens": bool(torch.equal(fast, eager)), "launches": launched}
-
-
-def compiled_step() -> dict:
-    """compile-blocks on a strided multihead model: the eager tokens, the kernel in the graph."""
-    cfg = SparseTransformerConfig(
-        n_layers=2, d_model=32, n_heads=2, ff_mult=2, qk_mult=0.5, n_ctx=64,
-        pattern="strided", stride=8, head_mode="multihead", block_q=16, block_k=16,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = SparseTransformer(cfg).eval()
-    with torch.no_grad():
-        model.head.weight.normal_(0.0, 0.5)
-    prompt = torch.randint(0, cfg.vocab_size, (2, 5))
+    options = dict(temperature=1.0, top_p=0.9, generator=4)
     counters.clear()
     before = LAUNCHES[0]
-    fast = generate(model, prompt, 20, temperature=1.0, generator=3, fast="compile-blocks")
-    launched = LAUNCHES[0] - before  # 2 layers x 19 steps through the compiled op
-    eager = generate(model, prompt, 20, temperature=1.0, generator=3)
+    tokens = generate(model, prompt, 20, **options, fast=fast)
+    launched = LAUNCHES[0] - before  # 2 layers x 19 steps
+    eager = generate(model, prompt, 20, **options)
     return {
-        "same_tokens": bool(torch.equal(fast, eager)),
+        "same_tokens": bool(torch.equal(tokens, eager)),
         "graph_breaks": len(counters["graph_break"]),
         "launches": launched,
     }
@@ -80,8 +63,11 @@ def main() -> None:
     ok, message = decode.check("cpu", (torch.float32, torch.float16, torch.bfloat16))
     print(json.dumps({"part": "check", "ok": ok, "message": message}))
     decode.KERNEL_MIN_ROWS = 0  # the tiny models' few rows through the kernel too
-    print(json.dumps({"part": "static", **static_steps()}))
-    print(json.dumps({"part": "compiled", **compiled_step()}))
+    # static: a ring and a summary store per head, one softmax over both
+    print(json.dumps({"part": "static", **decode_tokens("fixed", "merged", "static")}))
+    # compile-blocks: heads in different stores, the kernel an opaque op in the graph
+    compiled = decode_tokens("strided", "multihead", "compile-blocks")
+    print(json.dumps({"part": "compiled", **compiled}))
 
 
 if __name__ == "__main__":

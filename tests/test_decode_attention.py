@@ -86,7 +86,8 @@ def test_kernel_in_the_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     parts = {r["part"]: r for r in map(json.loads, proc.stdout.splitlines()) if "part" in r}
     assert parts["check"]["ok"] and parts["check"]["message"].startswith("Triton kernel"), parts
-    assert parts["static"] == {"part": "static", "same_tokens": True, "launches": 2 * 19}
+    static = parts["static"]
+    assert static["same_tokens"] and static["launches"] == 2 * 19, static
     compiled = parts["compiled"]
     assert compiled["same_tokens"] and compiled["graph_breaks"] == 0, compiled
     assert compiled["launches"] == 2 * 19, compiled  # every layer of every step
