@@ -481,14 +481,17 @@ def sweep_all(
     smoke: bool,
     max_tokens: int | None,
 ) -> None:
-    """The context sweep of every text arm trained under ``storage`` (the fixed one first)."""
+    """The context sweep of every text arm trained under ``storage`` (the fixed one first).
+
+    An arm trained elsewhere is skipped (its sweep already in the JSON stays): each GPU
+    command runs on a fresh machine, so the two arms are trained and swept in two."""
     from sparse_transformer.distributed.checkpoint import latest_checkpoint
 
-    for run in SWEEP_RUNS:
-        ckpt = latest_checkpoint(str(storage / f"reproduce-{run}"))
+    found = {run: latest_checkpoint(str(storage / f"reproduce-{run}")) for run in SWEEP_RUNS}
+    if not any(found.values()):
+        raise SystemExit(f"reproduce: no trained text model in {storage}: train one first")
+    for run, ckpt in found.items():
         if ckpt is None:
-            if run == SWEEP_RUNS[0]:
-                raise SystemExit(f"reproduce: no checkpoint of {run} in {storage}: train it first")
             log(f"sweep: no checkpoint of {run} in {storage}: skipped")
             continue
         results["context_sweep"][run] = context_sweep(

@@ -88,3 +88,10 @@ def test_cpu_smoke_writes_the_json_tables_and_plots(
     printed = capsys.readouterr().out
     assert "Table 2" in printed and "| text | sparse / dense |" in printed
     assert "Table 3" in printed and "| 240 |" in printed
+
+
+def test_the_sweep_needs_a_trained_text_model_here(tmp_path: Path) -> None:
+    results: dict = {"context_sweep": {"text-dense": {"rows": []}}}
+    with pytest.raises(SystemExit, match="no trained text model"):
+        reproduce.sweep_all(tmp_path, "file:///nowhere", results, tmp_path / "r.json", True, None)
+    assert results["context_sweep"] == {"text-dense": {"rows": []}}  # what was there stays
