@@ -53,6 +53,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "cifar10": {"batch": 16, "dense": True},
     "music-65k": {"batch": 1, "dense": True},
     "music-1m": {"batch": 1, "dense": False},
+    "scaled-text-fixed": {"batch": 4, "dense": True},  # issue 17's text pair (reproduce.py)
     "tiny": {"batch": 2, "dense": True},  # --cpu-smoke
 }
 
