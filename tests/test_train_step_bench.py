@@ -8,13 +8,20 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
 
 from sparse_transformer.benchmarks import train_step
 
 
 def test_cpu_smoke_writes_every_row(tmp_path: Path) -> None:
     out = tmp_path / "train_step.json"
-    rc = train_step.main(["--cpu-smoke", "--ray-configs", "", "--reps", "1", "--json", str(out)])
+    # compile for real: no graphs from earlier tests in this process, none from disk
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        argv = ["--cpu-smoke", "--ray-configs", "", "--reps", "1", "--json", str(out)]
+        rc = train_step.main(argv)
     assert rc == 0
     result = json.loads(out.read_text())
     rows = {(r["attention"], r["mode"]): r for r in result["rows"]}
