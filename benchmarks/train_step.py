@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 
 MATMUL_RATE = 760e12
 """The H200's measured dense fp16 matmul rate (benchmarks/attention.py, 8192^3)."""
@@ -162,10 +163,12 @@ def _timed_row(name: str, attention: str, mode: str, model, step, device, reps: 
     cfg = model.config
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    graphs = counters["stats"]["unique_graphs"]
     t = time.perf_counter()
     step()
     _sync(device)
     first = time.perf_counter() - t
+    graphs = counters["stats"]["unique_graphs"] - graphs  # compiled inside the timed step
     step()  # a second warm-up: autotuning and lazy allocations settle
     times = sorted(_time_steps(step, device, reps))
     step_s = times[len(times) // 2]
@@ -181,6 +184,7 @@ def _timed_row(name: str, attention: str, mode: str, model, step, device, reps: 
         "seq_len": cfg.n_ctx,
         "params": n_params,
         "first_step_s": round(first, 2),
+        "graphs_compiled_first_step": graphs,
         "step_ms": round(step_s * 1e3, 2),
         "tokens_per_second": round(tokens / step_s),
         "mfu": round(6 * n_params * tokens / step_s / MATMUL_RATE, 4),

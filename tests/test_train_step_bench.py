@@ -8,20 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-import torch._dynamo
-import torch._inductor.config
 
 from sparse_transformer.benchmarks import train_step
 
 
 def test_cpu_smoke_writes_every_row(tmp_path: Path) -> None:
     out = tmp_path / "train_step.json"
-    # compile for real: no graphs from earlier tests in this process, none from disk
-    torch._dynamo.reset()
-    with torch._inductor.config.patch(force_disable_caches=True):
-        argv = ["--cpu-smoke", "--ray-configs", "", "--reps", "1", "--json", str(out)]
-        rc = train_step.main(argv)
+    rc = train_step.main(["--cpu-smoke", "--ray-configs", "", "--reps", "1", "--json", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
     rows = {(r["attention"], r["mode"]): r for r in result["rows"]}
@@ -31,8 +24,10 @@ def test_cpu_smoke_writes_every_row(tmp_path: Path) -> None:
         assert row["tokens_per_second"] > 0 and row["step_ms"] > 0
         assert row["tokens_per_second"] * row["step_ms"] / 1e3 == pytest.approx(2 * 1024, rel=0.01)
         assert row["params"] == 867_072
-    # the compiled row pays its compile in the first step
-    assert rows["sparse", "compiled"]["first_step_s"] > rows["sparse", "eager"]["first_step_s"]
+    # the compiled rows compile inside their timed first step (so first_step_s holds the
+    # compile; its length varies with Inductor's on-disk cache, so it is not compared)
+    for (_, mode), row in rows.items():
+        assert (row["graphs_compiled_first_step"] > 0) == (mode == "compiled"), row
 
 
 def test_the_gpu_plan_puts_the_headline_rows_first() -> None:
