@@ -95,3 +95,16 @@ def test_the_sweep_needs_a_trained_text_model_here(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no trained text model"):
         reproduce.sweep_all(tmp_path, "file:///nowhere", results, tmp_path / "r.json", True, None)
     assert results["context_sweep"] == {"text-dense": {"rows": []}}  # what was there stays
+
+
+def test_a_later_command_merges_into_real_runs_but_a_smoke_run_starts_afresh(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "reproduce.json"
+    real = reproduce.load_results(path, smoke=False)
+    real["runs"]["text-fixed"] = {"final_val_bits": 2.0}
+    path.write_text(json.dumps(real))
+    assert reproduce.load_results(path, smoke=False)["runs"] == {
+        "text-fixed": {"final_val_bits": 2.0}
+    }
+    assert reproduce.load_results(path, smoke=True)["runs"] == {}
