@@ -55,6 +55,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "music-65k": {"batch": 1, "dense": True},
     "music-1m": {"batch": 1, "dense": False},
     "scaled-text-fixed": {"batch": 4, "dense": True},  # issue 17's text pair (reproduce.py)
+    "scaled-fmnist-strided": {"batch": 32, "dense": True},  # issue 17's image pair
     "tiny": {"batch": 2, "dense": True},  # --cpu-smoke
 }
 
