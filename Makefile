@@ -29,6 +29,10 @@ $(VENV)/.base: pyproject.toml
 	# the torch above instead of letting pip fetch another torch for the build.
 	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_PIN)"
 	$(PIP) install -q -e . "$(TORCH_PIN)" "$(RAY_PIN)"
+	# DeepSpeed JIT-builds its CPU shared-memory communication op when a process group
+	# first starts on the CPU (about 40 s on 2 cores): build it here, with the install,
+	# instead of inside the first training (or test) that needs it.
+	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
