@@ -509,7 +509,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=0, help="skip runs past this (0: none)")
     p.add_argument("--keep-runs", action="store_true", help="keep run folders (checkpoints)")
     p.add_argument("--verbose", action="store_true", help="the trainer's progress lines")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny, 2 CPU workers, fp32")
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="a fixed small plan: tiny, 1 and 2 CPU workers, fp32, recovery and memory "
+        "(it sets --configs, --workers, --steps, --log-every, --recovery[-steps], "
+        "--memory[-config] and --fresh)",
+    )
     args = p.parse_args(argv)
     if not args.cpu_smoke:
         args.work = args.work or "runs/scaling"
