@@ -93,10 +93,12 @@ class Spec:
     workers: int
     global_batch: int
     dropout: float | None = None  # None: the config's
+    relaunch_zero: int | None = None  # recovery: the relaunch's ZeRO stage (None: ``zero``)
 
     @property
     def key(self) -> str:
-        return f"{self.kind}/{self.config}/z{self.zero}/n{self.workers}/b{self.global_batch}"
+        key = f"{self.kind}/{self.config}/z{self.zero}/n{self.workers}/b{self.global_batch}"
+        return key if self.relaunch_zero is None else f"{key}/rz{self.relaunch_zero}"
 
 
 @dataclass
@@ -142,10 +144,13 @@ def plan(
     loss_match: bool = True,
     memory_config: str | None = None,
     batch: dict[str, int] = BATCH,
+    relaunch_zero: int | None = None,
 ) -> list[Spec]:
     """The runs, headline first: per config its first ZeRO stage on every N, the loss
-    match, the other stages; then recovery on the first config; then the memory runs
-    (largest N, every stage). A run already in the plan is not repeated."""
+    match, the other stages; then recovery on the first config (on one worker only when
+    the relaunch changes the ZeRO stage: nothing else there needs the universal
+    checkpoint); then the memory runs (largest N, every stage). A run already in the plan
+    is not repeated."""
     nmax, z0, specs = max(workers), zeros[0], []
     for name in configs:
         b = batch[name]
@@ -155,8 +160,10 @@ def plan(
                 if config_dropout(name, dropout):
                     specs.append(Spec("loss-n", name, z, nmax, nmax * b, 0.0))
                 specs.append(Spec("loss-ref", name, z, 1, nmax * b, 0.0))
-    if recovery and nmax > 1:
-        specs.append(Spec("recovery", configs[0], z0, nmax, nmax * batch[configs[0]], dropout))
+    rz = None if relaunch_zero in (None, z0) else relaunch_zero
+    if recovery and (nmax > 1 or rz is not None):
+        b = batch[configs[0]]
+        specs.append(Spec("recovery", configs[0], z0, nmax, nmax * b, dropout, rz))
     if memory_config:
         b = batch[memory_config]
         specs += [Spec("scaling", memory_config, z, nmax, nmax * b, dropout) for z in zeros]
@@ -284,8 +291,9 @@ def run_spec(spec: Spec, s: Settings, keep: bool = False) -> dict[str, Any]:
 
 def recover(spec: Spec, ovr: list[str], s: Settings) -> dict[str, Any]:
     """Rank N-1 killed (Ray Train restarts the group from the last checkpoint), later
-    rank 0 killed with no restart left; the same run relaunched on N/2 workers resumes
-    through DeepSpeed's universal checkpoint and runs to the end."""
+    rank 0 killed with no restart left; the same run relaunched on N/2 workers (one
+    worker: on one), at ``spec.relaunch_zero`` when set, resumes through DeepSpeed's
+    universal checkpoint (where the world size or the stage changed) and runs to the end."""
     from sparse_transformer.benchmarks.faults import MARKER, KillAt
     from sparse_transformer.distributed.config import load_config
 
@@ -295,12 +303,15 @@ def recover(spec: Spec, ovr: list[str], s: Settings) -> dict[str, Any]:
         KillAt(2 * every + max(1, every // 2), rank=0, marker=MARKER + "-2"),
     ]
     first = fit(spec.config, ovr, s, list(kills))
-    fewer = max(1, spec.workers // 2)
-    again = fit(spec.config, collapse([*ovr, f"scaling.num_workers={fewer}"]), s, [])
-    seen = starts(load_config(spec.config, ovr))
+    cfg = load_config(spec.config, ovr)
+    before = starts(cfg)
+    fewer, rz = max(1, spec.workers // 2), spec.relaunch_zero or spec.zero
+    relaunch = [f"scaling.num_workers={fewer}", f"train.zero_stage={rz}"]
+    again = fit(spec.config, collapse([*ovr, *relaunch]), s, [])
+    seen = starts(cfg)
     resumed = [x for x in seen if x["step"] > 0]
-    restarted = any(x["world_size"] == spec.workers for x in resumed)
-    relaunched = any(x["world_size"] == fewer for x in resumed)
+    restarted = any(x["step"] > 0 and x["world_size"] == spec.workers for x in before)
+    relaunched = any(x["step"] > 0 and x["world_size"] == fewer for x in seen[len(before) :])
     problems = [again["error"]] if "error" in again else []
     if "error" not in first:
         problems.append("the first fit ran to its end: the second kill did not end it")
@@ -310,10 +321,11 @@ def recover(spec: Spec, ovr: list[str], s: Settings) -> dict[str, Any]:
         "checkpoint_every": every,
         "kills": [[k.step, k.rank] for k in kills],
         "relaunch_workers": fewer,
+        "relaunch_zero": rz,
         "starts": seen,
         "resumed_from": [x["step"] for x in resumed],
         "restarted_by_ray": restarted,
-        "universal": spec.zero > 0 and relaunched,
+        "universal": spec.zero > 0 and relaunched and (fewer, rz) != (spec.workers, spec.zero),
         "command": first["command"],
         "relaunch_command": again["command"],
         "first_fit": first,
@@ -384,7 +396,7 @@ def summarize(rows: list[dict[str, Any]], memory_config: str | None) -> dict[str
             widest[r["config"], r["zero"]] = r if r["workers"] > w["workers"] else w
     kept = ("config", "zero", "workers", "batch_per_worker", "seq_len", "peak_memory_bytes")
     memory = [{k: r[k] for k in kept} for r in widest.values()]
-    fields = ("config", "zero", "workers", "relaunch_workers", "kills", "starts",
+    fields = ("config", "zero", "workers", "relaunch_workers", "relaunch_zero", "kills", "starts",
               "resumed_from", "restarted_by_ray", "universal", "final_step", "wall_s")  # fmt: skip
     recovery = [
         {k: r.get(k) for k in (*fields, "error") if k in r} for r in rows if r["kind"] == "recovery"
@@ -428,7 +440,9 @@ def markdown(result: dict[str, Any]) -> str:
         )
     for r in result["recovery"]:
         lines.append(
-            f"\nrecovery {r['config']} ZeRO {r['zero']}: kills (step, rank) {r['kills']}; starts "
+            f"\nrecovery {r['config']} ZeRO {r['zero']} on {r['workers']}, relaunched on "
+            f"{r['relaunch_workers']} at ZeRO {r.get('relaunch_zero', r['zero'])}: "
+            f"kills (step, rank) {r['kills']}; starts "
             f"{[(x['step'], x['world_size']) for x in r['starts']]} (step, world size); "
             f"resumed from {r['resumed_from']}; universal {r['universal']}; "
             f"final step {r['final_step']}" + (f"; error {r['error']}" if "error" in r else "")
@@ -496,6 +510,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=None, help="model.dropout (config's)")
     p.add_argument("--recovery", action="store_true", help="kill, restart, relaunch on N/2")
     p.add_argument("--recovery-steps", type=int, default=40)
+    p.add_argument(
+        "--relaunch-zero",
+        type=int,
+        default=None,
+        help="the recovery relaunch's ZeRO stage (default: the first of --zero; another "
+        "stage resumes through the universal checkpoint, so recovery runs on one GPU too)",
+    )
     p.add_argument("--memory", action="store_true", help="peak memory by ZeRO stage")
     p.add_argument("--memory-config", default="music-65k")
     p.add_argument("--backend", default="auto", help="attention backend (auto: Triton)")
@@ -576,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     memory_config = args.memory_config if args.memory else None
     specs = plan(configs, zeros, workers, dropout=args.dropout, recovery=args.recovery,
                  loss_match=not args.no_loss_match, memory_config=memory_config,
-                 batch=batch)  # fmt: skip
+                 batch=batch, relaunch_zero=args.relaunch_zero)  # fmt: skip
     s = settings(args, sorted({sp.config for sp in specs}))
     default = s.work / "scaling.json" if args.cpu_smoke else Path("benchmarks/results/scaling.json")
     path = Path(args.json) if args.json else default

@@ -29,16 +29,28 @@ def test_the_gpu_plan_measures_the_headline_first_and_each_run_once() -> None:
     ]
 
 
+def test_on_one_gpu_recovery_is_planned_only_with_another_relaunch_stage() -> None:
+    """One worker cannot relaunch on fewer: a relaunch at another ZeRO stage is what takes
+    it through the universal checkpoint there; at the same stage it adds nothing."""
+    same = scaling.plan(["enwik8"], [1], [1], recovery=True, relaunch_zero=1)
+    assert [s.key for s in same] == ["scaling/enwik8/z1/n1/b4"]
+    other = scaling.plan(["enwik8"], [1], [1], recovery=True, relaunch_zero=2)
+    assert [s.key for s in other][-1] == "recovery/enwik8/z1/n1/b4/rz2"
+
+
 @pytest.mark.slow
 def test_cpu_smoke_writes_scaling_loss_match_and_recovery(tmp_path: Path) -> None:
     """The smoke run at ZeRO 1 only (docs/scaling.md's command adds ZeRO 2: two more
-    Ray Train runs of ~20 s each, which CI's budget does not have room for)."""
+    Ray Train runs of ~20 s each, which CI's budget does not have room for); its relaunch
+    at ZeRO 2 repartitions for another world size and another stage at once."""
     out = tmp_path / "scaling.json"
-    argv = ["--cpu-smoke", "--zero", "1", "--work", str(tmp_path), "--json", str(out)]
+    argv = ["--cpu-smoke", "--zero", "1", "--relaunch-zero", "2"]
+    argv += ["--work", str(tmp_path), "--json", str(out)]
     assert scaling.main(argv) == 0
     result = json.loads(out.read_text())
     rows = {(r["kind"], r["workers"]): r for r in result["rows"]}
     assert set(rows) == {("scaling", 1), ("scaling", 2), ("loss-ref", 1), ("recovery", 2)}
+    assert "train.zero_stage=2" in rows["recovery", 2]["relaunch_command"].split()
     assert all(
         r["command"].startswith("sparse-transformer train --config tiny ") for r in rows.values()
     )
@@ -54,6 +66,7 @@ def test_cpu_smoke_writes_scaling_loss_match_and_recovery(tmp_path: Path) -> Non
     (rec,) = result["recovery"]
     assert [(s["step"], s["world_size"]) for s in rec["starts"]] == [(0, 2), (2, 2), (4, 1)]
     assert rec["resumed_from"] == [2, 4] and rec["universal"] and rec["final_step"] == 8
+    assert (rec["relaunch_workers"], rec["relaunch_zero"]) == (1, 2)
     (memory,) = result["memory"]
     assert (memory["zero"], memory["workers"]) == (1, 2) and memory["peak_memory_bytes"] > 0
 
