@@ -14,7 +14,8 @@ read from the run's metrics history (``metrics.jsonl``, as ``train_gpu.py`` does
   logged training loss;
 - **recovery** (``--recovery``): on the largest N, one worker killed mid-run (Ray Train
   restarts the group from the last checkpoint), then rank 0 killed with no restart left,
-  and the run relaunched on half the workers, which resumes through DeepSpeed's universal
+  and the run relaunched on half the workers (at ZeRO stage ``--relaunch-zero`` where
+  given; on one worker only then), which resumes through DeepSpeed's universal
   checkpoint; the steps each start resumed from;
 - **peak memory** per GPU by ZeRO stage of ``music-65k`` (``--memory``; rank 0's peak).
 
@@ -305,27 +306,22 @@ def recover(spec: Spec, ovr: list[str], s: Settings) -> dict[str, Any]:
     first = fit(spec.config, ovr, s, list(kills))
     cfg = load_config(spec.config, ovr)
     before = starts(cfg)
-    fewer, rz = max(1, spec.workers // 2), spec.relaunch_zero or spec.zero
+    fewer = max(1, spec.workers // 2)
+    rz = spec.zero if spec.relaunch_zero is None else spec.relaunch_zero
     relaunch = [f"scaling.num_workers={fewer}", f"train.zero_stage={rz}"]
     again = fit(spec.config, collapse([*ovr, *relaunch]), s, [])
-    seen = starts(cfg)
-    resumed = [x for x in seen if x["step"] > 0]
-    restarted = any(x["step"] > 0 and x["world_size"] == spec.workers for x in before)
-    relaunched = any(x["step"] > 0 and x["world_size"] == fewer for x in seen[len(before) :])
+    out = recovery_outcome(spec, before, starts(cfg)[len(before) :], fewer, rz)
     problems = [again["error"]] if "error" in again else []
     if "error" not in first:
         problems.append("the first fit ran to its end: the second kill did not end it")
-    if not (restarted and relaunched):
-        problems.append(f"expected a restart on {spec.workers} and on {fewer}: {seen}")
+    if not (out["restarted_by_ray"] and out["relaunched"]):
+        problems.append(f"expected a restart on {spec.workers} and on {fewer}: {out['starts']}")
     return {
         "checkpoint_every": every,
         "kills": [[k.step, k.rank] for k in kills],
         "relaunch_workers": fewer,
         "relaunch_zero": rz,
-        "starts": seen,
-        "resumed_from": [x["step"] for x in resumed],
-        "restarted_by_ray": restarted,
-        "universal": spec.zero > 0 and relaunched and (fewer, rz) != (spec.workers, spec.zero),
+        **out,
         "command": first["command"],
         "relaunch_command": again["command"],
         "first_fit": first,
@@ -333,6 +329,27 @@ def recover(spec: Spec, ovr: list[str], s: Settings) -> dict[str, Any]:
         "final_step": again.get("final_step"),
         "wall_s": round(first["wall_s"] + again["wall_s"], 1),
         **({"error": "; ".join(problems)} if problems else {}),
+    }
+
+
+def recovery_outcome(
+    spec: Spec, first: list[dict[str, int]], again: list[dict[str, int]], fewer: int, rz: int
+) -> dict[str, Any]:
+    """What the starts logged by the killed fit (``first``) and by the relaunch (``again``)
+    show: a restart by Ray Train (a resumed start of the first fit, on ``spec.workers``), a
+    relaunch that resumed (on ``fewer`` workers), and whether that relaunch went through the
+    universal checkpoint (the trainer's rule: ZeRO partitions for another world size or
+    stage; inferred from the starts, not read from the worker's log)."""
+    seen = [*first, *again]
+    restarted = any(x["step"] > 0 and x["world_size"] == spec.workers for x in first)
+    relaunched = any(x["step"] > 0 and x["world_size"] == fewer for x in again)
+    changed = (fewer, rz) != (spec.workers, spec.zero)
+    return {
+        "starts": seen,
+        "resumed_from": [x["step"] for x in seen if x["step"] > 0],
+        "restarted_by_ray": restarted,
+        "relaunched": relaunched,
+        "universal": spec.zero > 0 and relaunched and changed,
     }
 
 
@@ -547,6 +564,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.dropout = 0.0 if args.dropout is None else args.dropout
         if args.zero == "1,2,3":
             args.zero = "1,2"
+    if args.relaunch_zero is not None:
+        if not args.recovery:
+            p.error("--relaunch-zero: the recovery relaunch's stage; add --recovery")
+        if not 1 <= args.relaunch_zero <= 3 or args.zero.split(",")[0] == "0":
+            p.error("--relaunch-zero: DeepSpeed repartitions optimizer state between ZeRO "
+                    "stages 1-3 only (the relaunch's stage and the first of --zero)")  # fmt: skip
     return args
 
 

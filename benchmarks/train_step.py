@@ -160,7 +160,10 @@ def measure(name: str, attention: str, mode: str, device, dtype, reps: int, **ch
     return _timed_row(name, attention, mode, model, step, device, reps)
 
 
-def _timed_row(name: str, attention: str, mode: str, model, step, device, reps: int) -> dict:
+def _timed_row(
+    name: str, attention: str, mode: str, model, step, device, reps: int, n_params: int = 0
+) -> dict:
+    """Time and profile ``step``; ``n_params`` (0: the model's own count) for the MFU."""
     cfg = model.config
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -175,7 +178,7 @@ def _timed_row(name: str, attention: str, mode: str, model, step, device, reps: 
     step_s = times[len(times) // 2]
     batch_size = CONFIGS[name]["batch"]
     tokens = batch_size * cfg.n_ctx
-    n_params = model.num_params()
+    n_params = n_params or model.num_params()
     row = {
         "config": name,
         "attention": attention,
@@ -254,6 +257,7 @@ def measure_deepspeed(
     zero_stage = 0 if autocast else zero_stage  # its lean path: no ZeRO optimizer wrapper
     if zero_stage < 3:  # ZeRO 3's parameter hooks and compiled blocks do not mix
         model.compile_blocks(mode="reduce-overhead" if graphs else "default")
+    n_params = model.num_params()  # ZeRO 3 leaves each parameter an empty placeholder
     engine = _deepspeed_engine(name, model, cpu, zero_stage, autocast)
     cfg = model.config
     batch = torch.randint(0, cfg.vocab_size, (CONFIGS[name]["batch"], cfg.n_ctx), device=device)
@@ -266,7 +270,7 @@ def measure_deepspeed(
         deepspeed_adapter.backward(engine, loss)  # the trainer's backward (loss scaling)
         engine.step()
 
-    row = _timed_row(name, "sparse", mode, model, step, device, reps)
+    row = _timed_row(name, "sparse", mode, model, step, device, reps, n_params)
     return {**row, "zero_stage": zero_stage}
 
 

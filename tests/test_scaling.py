@@ -36,6 +36,41 @@ def test_on_one_gpu_recovery_is_planned_only_with_another_relaunch_stage() -> No
     assert [s.key for s in same] == ["scaling/enwik8/z1/n1/b4"]
     other = scaling.plan(["enwik8"], [1], [1], recovery=True, relaunch_zero=2)
     assert [s.key for s in other][-1] == "recovery/enwik8/z1/n1/b4/rz2"
+    # on several workers the first stage again is the plain plan, keys and all
+    plain = scaling.plan(["enwik8"], [1], [1, 4], recovery=True)
+    assert scaling.plan(["enwik8"], [1], [1, 4], recovery=True, relaunch_zero=1) == plain
+    assert plain[-1].key == "recovery/enwik8/z1/n4/b16"
+
+
+def test_one_worker_recovery_tells_the_restart_from_the_relaunch() -> None:
+    """On one worker every start has world size 1: which fit logged a start tells Ray's
+    restart from the relaunch, and only a changed stage makes it universal."""
+    spec = scaling.Spec("recovery", "enwik8", 1, 1, 4, relaunch_zero=2)
+    first = [{"step": 0, "world_size": 1}, {"step": 10, "world_size": 1}]
+    again = [{"step": 20, "world_size": 1}]
+    out = scaling.recovery_outcome(spec, first, again, fewer=1, rz=2)
+    assert out["restarted_by_ray"] and out["relaunched"] and out["universal"]
+    assert out["resumed_from"] == [10, 20]
+    assert not scaling.recovery_outcome(spec, first, again, fewer=1, rz=1)["universal"]
+    no_restart = scaling.recovery_outcome(spec, first[:1], again, fewer=1, rz=2)
+    assert not no_restart["restarted_by_ray"] and no_restart["relaunched"]
+    fresh_relaunch = [{"step": 0, "world_size": 1}]  # started over: no resume
+    assert not scaling.recovery_outcome(spec, first, fresh_relaunch, 1, 2)["relaunched"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--relaunch-zero", "2"],  # without --recovery
+        ["--recovery", "--relaunch-zero", "0"],  # stage 0 cannot take stage 1-3 state
+        ["--recovery", "--zero", "0", "--relaunch-zero", "1"],
+    ],
+)
+def test_a_relaunch_stage_deepspeed_cannot_resume_is_refused_up_front(argv, capsys) -> None:
+    with pytest.raises(SystemExit):
+        scaling.parse_args(argv)
+    assert "error: --relaunch-zero:" in capsys.readouterr().err
+    scaling.parse_args(["--recovery", "--relaunch-zero", "2"])  # a stage of 1-3: accepted
 
 
 @pytest.mark.slow
@@ -66,7 +101,6 @@ def test_cpu_smoke_writes_scaling_loss_match_and_recovery(tmp_path: Path) -> Non
     (rec,) = result["recovery"]
     assert [(s["step"], s["world_size"]) for s in rec["starts"]] == [(0, 2), (2, 2), (4, 1)]
     assert rec["resumed_from"] == [2, 4] and rec["universal"] and rec["final_step"] == 8
-    assert (rec["relaunch_workers"], rec["relaunch_zero"]) == (1, 2)
     (memory,) = result["memory"]
     assert (memory["zero"], memory["workers"]) == (1, 2) and memory["peak_memory_bytes"] > 0
 
