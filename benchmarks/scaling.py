@@ -101,6 +101,16 @@ class Spec:
         key = f"{self.kind}/{self.config}/z{self.zero}/n{self.workers}/b{self.global_batch}"
         return key if self.relaunch_zero is None else f"{key}/rz{self.relaunch_zero}"
 
+    @property
+    def relaunch_workers(self) -> int:
+        """Recovery: the relaunch's group, half this one (one worker: one)."""
+        return max(1, self.workers // 2)
+
+    @property
+    def relaunch_stage(self) -> int:
+        """Recovery: the relaunch's ZeRO stage."""
+        return self.zero if self.relaunch_zero is None else self.relaunch_zero
+
 
 @dataclass
 class Settings:
@@ -306,11 +316,10 @@ def recover(spec: Spec, ovr: list[str], s: Settings) -> dict[str, Any]:
     first = fit(spec.config, ovr, s, list(kills))
     cfg = load_config(spec.config, ovr)
     before = starts(cfg)
-    fewer = max(1, spec.workers // 2)
-    rz = spec.zero if spec.relaunch_zero is None else spec.relaunch_zero
+    fewer, rz = spec.relaunch_workers, spec.relaunch_stage
     relaunch = [f"scaling.num_workers={fewer}", f"train.zero_stage={rz}"]
     again = fit(spec.config, collapse([*ovr, *relaunch]), s, [])
-    out = recovery_outcome(spec, before, starts(cfg)[len(before) :], fewer, rz)
+    out = recovery_outcome(spec, before, starts(cfg)[len(before) :])
     problems = [again["error"]] if "error" in again else []
     if "error" not in first:
         problems.append("the first fit ran to its end: the second kill did not end it")
@@ -333,23 +342,25 @@ def recover(spec: Spec, ovr: list[str], s: Settings) -> dict[str, Any]:
 
 
 def recovery_outcome(
-    spec: Spec, first: list[dict[str, int]], again: list[dict[str, int]], fewer: int, rz: int
+    spec: Spec, first: list[dict[str, int]], again: list[dict[str, int]]
 ) -> dict[str, Any]:
     """What the starts logged by the killed fit (``first``) and by the relaunch (``again``)
     show: a restart by Ray Train (a resumed start of the first fit, on ``spec.workers``), a
-    relaunch that resumed (on ``fewer`` workers), and whether that relaunch went through the
-    universal checkpoint (the trainer's rule: ZeRO partitions for another world size or
-    stage; inferred from the starts, not read from the worker's log)."""
+    relaunch that resumed (on ``spec.relaunch_workers``), and whether that relaunch went
+    through the universal checkpoint (the trainer's own rule, ``needs_universal``, applied
+    to the two groups; not read from the worker's log)."""
+    from sparse_transformer.distributed.checkpoint import needs_universal
+
     seen = [*first, *again]
-    restarted = any(x["step"] > 0 and x["world_size"] == spec.workers for x in first)
+    fewer = spec.relaunch_workers
     relaunched = any(x["step"] > 0 and x["world_size"] == fewer for x in again)
-    changed = (fewer, rz) != (spec.workers, spec.zero)
+    saved = {"world_size": spec.workers, "zero_stage": spec.zero}
     return {
         "starts": seen,
         "resumed_from": [x["step"] for x in seen if x["step"] > 0],
-        "restarted_by_ray": restarted,
+        "restarted_by_ray": any(x["step"] > 0 and x["world_size"] == spec.workers for x in first),
         "relaunched": relaunched,
-        "universal": spec.zero > 0 and relaunched and changed,
+        "universal": relaunched and needs_universal(saved, fewer, spec.relaunch_stage),
     }
 
 

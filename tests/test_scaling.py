@@ -5,6 +5,7 @@ batch, and a killed worker's restart plus a relaunch on one worker from the chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -48,14 +49,15 @@ def test_one_worker_recovery_tells_the_restart_from_the_relaunch() -> None:
     spec = scaling.Spec("recovery", "enwik8", 1, 1, 4, relaunch_zero=2)
     first = [{"step": 0, "world_size": 1}, {"step": 10, "world_size": 1}]
     again = [{"step": 20, "world_size": 1}]
-    out = scaling.recovery_outcome(spec, first, again, fewer=1, rz=2)
+    out = scaling.recovery_outcome(spec, first, again)
     assert out["restarted_by_ray"] and out["relaunched"] and out["universal"]
     assert out["resumed_from"] == [10, 20]
-    assert not scaling.recovery_outcome(spec, first, again, fewer=1, rz=1)["universal"]
-    no_restart = scaling.recovery_outcome(spec, first[:1], again, fewer=1, rz=2)
+    same_stage = dataclasses.replace(spec, relaunch_zero=None)
+    assert not scaling.recovery_outcome(same_stage, first, again)["universal"]
+    no_restart = scaling.recovery_outcome(spec, first[:1], again)
     assert not no_restart["restarted_by_ray"] and no_restart["relaunched"]
     fresh_relaunch = [{"step": 0, "world_size": 1}]  # started over: no resume
-    assert not scaling.recovery_outcome(spec, first, fresh_relaunch, 1, 2)["relaunched"]
+    assert not scaling.recovery_outcome(spec, first, fresh_relaunch)["relaunched"]
 
 
 @pytest.mark.parametrize(
